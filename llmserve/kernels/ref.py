@@ -1,0 +1,158 @@
+"""Pure-torch twins of every Triton kernel: the CPU path and the test oracle.
+
+Shapes used throughout:
+    q:            [num_tokens, num_heads, head_dim]          (flat batch of query rows)
+    k, v:         [num_tokens, num_kv_heads, head_dim]
+    k_cache:      [num_blocks, block_size, num_kv_heads, head_dim] (one layer; v_cache alike)
+    slot_mapping: [num_tokens] int, slot = block_id * block_size + offset; -1 = padding, skip
+    query_start_loc: [batch + 1] int, cumulative query lengths (row b owns q[qsl[b]:qsl[b+1]])
+    seq_lens:     [batch] int, context length of each sequence *including* this step's tokens
+    block_tables: [batch, max_blocks] int, block ids of each sequence (padding entries unused)
+The query rows of sequence b sit at positions seq_lens[b] - q_len_b ... seq_lens[b] - 1 and
+attend causally to every cached token at or before their position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kvcache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write this step's keys and values into their slots; slot -1 is padding and is skipped."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
+
+
+def _gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_kv: int
+) -> torch.Tensor:
+    """[batch, max_kv, kv_heads, head_dim] view of each sequence's context, gathered from blocks."""
+    block_size = cache.shape[1]
+    num_blocks = -(-max_kv // block_size)
+    gathered = cache[block_tables[:, :num_blocks].long()]  # [B, nb, bs, kvh, d]
+    return gathered.flatten(1, 2)[:, :max_kv]
+
+
+def _attend(
+    q: torch.Tensor,  # [B, Lq, H, D]
+    k: torch.Tensor,  # [B, Lk, KVH, D]
+    v: torch.Tensor,
+    mask: torch.Tensor,  # [B, Lq, Lk] bool, True = attend
+    scale: float,
+) -> torch.Tensor:
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    if num_heads != num_kv_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=2)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a flat batch of query rows over paged KV (prefill, extend and decode).
+
+    Decode rows (one query) are batched together; sequences with several query rows are padded
+    to the longest of them. Both groups are one vectorised call, never a loop over tokens.
+    """
+    out = torch.empty_like(q)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    is_decode = q_lens == 1
+    decode_idx = torch.nonzero(is_decode).flatten()
+    extend_idx = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
+    if decode_idx.numel():
+        rows = query_start_loc[:-1][decode_idx].long()
+        lens = seq_lens[decode_idx]
+        max_kv = int(lens.max())
+        k = _gather_kv(k_cache, block_tables[decode_idx], max_kv)
+        v = _gather_kv(v_cache, block_tables[decode_idx], max_kv)
+        mask = (torch.arange(max_kv, device=q.device)[None, :] < lens[:, None])[:, None, :]
+        out[rows] = _attend(q[rows][:, None], k, v, mask, scale)[:, 0]
+    if extend_idx.numel():
+        lens = seq_lens[extend_idx]
+        qlens = q_lens[extend_idx]
+        starts = query_start_loc[:-1][extend_idx]
+        max_q, max_kv = int(qlens.max()), int(lens.max())
+        seq_of_row = torch.repeat_interleave(torch.arange(len(extend_idx), device=q.device), qlens)
+        offset_in_seq = torch.arange(int(qlens.sum()), device=q.device) - torch.repeat_interleave(
+            torch.cumsum(qlens, 0) - qlens, qlens
+        )
+        token_rows = (starts[seq_of_row] + offset_in_seq).long()
+        q_pad = q.new_zeros(len(extend_idx), max_q, *q.shape[1:])
+        q_pad[seq_of_row, offset_in_seq] = q[token_rows]
+        q_pos = (lens - qlens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
+        mask = torch.arange(max_kv, device=q.device)[None, None, :] <= q_pos[:, :, None]
+        k = _gather_kv(k_cache, block_tables[extend_idx], max_kv)
+        v = _gather_kv(v_cache, block_tables[extend_idx], max_kv)
+        out[token_rows] = _attend(q_pad, k, v, mask, scale)[seq_of_row, offset_in_seq]
+    return out
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm, optionally fused with a residual add: returns (normed, new residual).
+
+    With a residual, the input is `x + residual`; the sum is returned as the new residual.
+    Computed in float32 and cast back, as Hugging Face's Llama does.
+    """
+    orig_dtype = x.dtype
+    h = x.float()
+    if residual is not None:
+        h = h + residual.float()
+        residual = h.to(orig_dtype)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(orig_dtype), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary embedding (rotate halves), as Llama/Qwen checkpoints on the Hub use.
+
+    q: [T, H, D], k: [T, KVH, D], cos_sin_cache: [max_pos, D] holding cos in the first half and
+    sin in the second, float32. Returns new q and k in their input dtype.
+    """
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a fused [.., 2 * d] gate/up projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
