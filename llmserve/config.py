@@ -70,9 +70,19 @@ class ModelConfig:
 
     @cached_property
     def derived_max_model_len(self) -> int:
-        limit = int(self.hf_config.get("max_position_embeddings", 2048))
+        cfg = self.hf_config.get("text_config", self.hf_config)
+        limit = int(cfg.get("max_position_embeddings", 2048))
+        # Sliding-window attention is not implemented: stay within the window, where full
+        # attention is exact.
+        window = cfg.get("sliding_window")
+        if window and cfg.get("use_sliding_window", True):
+            limit = min(limit, int(window))
         if self.max_model_len is None:
             return limit
+        if self.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds what the model supports ({limit})"
+            )
         return self.max_model_len
 
     def validate(self) -> None:
@@ -83,6 +93,10 @@ class ModelConfig:
             parse_dtype(self.dtype)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        from llmserve.models.registry import resolve_model_class
+
+        resolve_model_class(self.hf_config)  # unknown architectures fail before any loading
+        self.derived_max_model_len  # noqa: B018 - raises when max_model_len is too large
 
 
 @dataclass(frozen=True)

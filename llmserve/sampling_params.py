@@ -35,7 +35,6 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
-    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra: dict = field(default_factory=dict)
@@ -78,8 +77,6 @@ class SamplingParams:
             _check_int("seed", self.seed, low=-(2**63), high=2**64 - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
-        if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError("stop must be a list of non-empty strings")

@@ -1,0 +1,46 @@
+"""Attention backends: store this step's K/V into the paged cache, then attend.
+
+A backend is a function `(q, k, v, k_cache, v_cache, metadata, scale) -> out` with the shapes
+documented in `llmserve.kernels.ref`. `torch` is the CPU path (and the oracle); `triton` runs the
+Triton kernels on CUDA (or under TRITON_INTERPRET=1 for tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from llmserve.attention.metadata import AttentionMetadata
+from llmserve.kernels import ref
+
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
+    torch.Tensor,
+]
+
+
+def torch_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    ref.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return ref.paged_attention(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
+    )
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    """Return the attention function for a resolved backend name ("torch" or "triton")."""
+    if name == "torch":
+        return torch_attention
+    if name == "triton":
+        from llmserve.attention.triton_backend import triton_attention
+
+        return triton_attention
+    raise ValueError(f"unknown attention backend {name!r}; use 'torch' or 'triton'")

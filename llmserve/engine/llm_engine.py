@@ -1,0 +1,218 @@
+"""LLMEngine: synchronous add_request / step / abort over the scheduler and the model runner."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from llmserve.engine.kv_cache_manager import KVCacheManager
+from llmserve.engine.model_runner import ModelRunner
+from llmserve.engine.output_processor import OutputProcessor
+from llmserve.engine.request import Request, RequestStatus
+from llmserve.engine.scheduler import Scheduler
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+from llmserve.tokenizer import Tokenizer
+
+PromptType = str | list[int] | dict
+
+
+@dataclass
+class StepStats:
+    """Wall time of one step and the work each request did in it (for cost attribution)."""
+
+    start: float
+    end: float
+    # parent request id -> (prefill-style tokens, decode tokens) computed in this step
+    work: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def build_engine_config(model: str | None = None, **kwargs) -> EngineConfig:
+    """EngineConfig from LLM(...)-style keyword arguments; `model=None` is the embedded default."""
+    if model is None:
+        from llmserve.models.default_model import ensure_default_model
+
+        model = ensure_default_model()
+    groups = {
+        ModelConfig: ("dtype", "max_model_len", "seed", "device"),
+        CacheConfig: ("block_size", "num_kv_blocks", "memory_fraction", "cpu_kv_cache_gib", "enable_prefix_caching"),
+        SchedulerConfig: ("max_num_seqs", "max_num_batched_tokens"),
+    }
+    parts = {cls: {k: kwargs.pop(k) for k in keys if k in kwargs} for cls, keys in groups.items()}
+    allowed = {"attention_backend", "enforce_eager", "tokenizer"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {sorted(unknown)}")
+    config = EngineConfig(
+        model=ModelConfig(model=str(model), **parts[ModelConfig]),
+        cache=CacheConfig(**parts[CacheConfig]),
+        scheduler=SchedulerConfig(**parts[SchedulerConfig]),
+        **kwargs,
+    )
+    config.validate()
+    return config
+
+
+class LLMEngine:
+    """The engine core. Not thread-safe: one caller drives add_request / abort / step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        self.model_name = Path(config.model.model).name
+        self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model.model)
+        self.runner = ModelRunner(config)
+        self.max_model_len = config.max_model_len
+        self.block_size = config.cache.block_size
+        self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._aborted_outputs: list[RequestOutput] = []
+        self.last_step: StepStats | None = None
+
+    @classmethod
+    def from_args(cls, model: str | None = None, **kwargs) -> LLMEngine:
+        return cls(build_engine_config(model, **kwargs))
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> list[int]:
+        """Validate and queue a request; return its prompt token ids. Raises ValueError."""
+        if request_id in self.outputs.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self._tokenize(prompt)
+        max_tokens = self._check_lengths(len(prompt_ids), params)
+        eos = self.tokenizer.eos_token_ids
+        arrival = arrival_time or time.time()
+        children = [
+            Request(
+                f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_ids, params, max_tokens, eos, parent_id=request_id, index=i,
+                arrival_time=arrival, priority=priority,
+            )
+            for i in range(params.n)
+        ]
+        for child in children[1:]:
+            child.metrics = children[0].metrics  # one clock per user-visible request
+        self.outputs.add(request_id, text, children)
+        for child in children:
+            self.scheduler.add_request(child)
+        return prompt_ids
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+        vocab = self.runner.vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
+        return None, list(prompt)
+
+    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
+        limit = self.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        if num_prompt + max(max_tokens, 1) > limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
+                "the completion). Please reduce the length of the prompt or the completion."
+            )
+        needed = self.kv.blocks_needed(num_prompt + max_tokens)
+        if needed > self.kv.num_blocks:
+            raise ValueError(
+                f"request needs {needed} KV-cache blocks but the whole pool has {self.kv.num_blocks}; "
+                "reduce the prompt or max_tokens, or give the engine more KV-cache memory"
+            )
+        return max_tokens
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (idempotent); each appears once more, finished, in the next step()."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for parent_id in request_ids:
+            children = self.outputs.children(parent_id)
+            if not children:
+                continue
+            self.scheduler.abort(r.request_id for r in children)
+            self._aborted_outputs.append(self.outputs.output(parent_id))
+
+    # -- stepping ------------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted_outputs)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        start = time.time()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        block_ids = [self.kv.block_ids(r.request_id) for r, _ in sched.scheduled]
+        sampling, samples = self.runner.execute(sched.scheduled, block_ids)
+        sampled = {}
+        if samples is not None:
+            sampled = {r.request_id: t for r, t in zip(sampling, samples.token_ids)}
+        before = {r.request_id: (r.num_prefill_tokens_run, r.num_decode_tokens_run) for r, _ in sched.scheduled}
+        changed = self.scheduler.update_from_output(sched, sampled)
+        now = time.time()
+        for i, request in enumerate(sampling):
+            if samples.logprobs[i] is not None:
+                self.outputs.record_logprobs(request, samples.logprobs[i])
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+        new_outputs, stopped = self.outputs.process(changed)
+        for request in stopped:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        for out in new_outputs:
+            if out.finished and out.metrics is not None:
+                out.metrics.finished_time = now
+        self.last_step = StepStats(start, now, self._step_work(sched.scheduled, before))
+        return outputs + new_outputs
+
+    @staticmethod
+    def _step_work(scheduled, before) -> dict[str, tuple[int, int]]:
+        work: dict[str, tuple[int, int]] = {}
+        for request, _ in scheduled:
+            p0, d0 = before[request.request_id]
+            p, d = work.get(request.parent_id, (0, 0))
+            work[request.parent_id] = (
+                p + request.num_prefill_tokens_run - p0,
+                d + request.num_decode_tokens_run - d0,
+            )
+        return work
+
+    def stats(self) -> dict:
+        return {
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "kv_blocks_total": self.kv.num_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_cache_usage": self.kv.usage(),
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+        }

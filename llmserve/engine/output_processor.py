@@ -1,0 +1,149 @@
+"""Turns engine-side Requests into RequestOutputs: detokenize, stop strings, n > 1 grouping.
+
+Text that could still turn out to be the start of a stop string is held back until it cannot,
+so a streaming client never sees part of a stop string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmserve.engine.request import Request, RequestStatus
+from llmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class _Completion:
+    """Text state of one child request."""
+
+    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
+        params = request.sampling_params
+        self.request = request
+        self.detok = IncrementalDetokenizer(
+            tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+        )
+        self.text = ""
+        self.stops = params.stop
+        self.hold_back = max((len(s) for s in self.stops), default=1) - 1
+        self.num_processed = 0  # output tokens already folded into `text`
+
+    def update(self) -> bool:
+        """Fold new output tokens into the text; return True if a stop string ended it."""
+        request = self.request
+        params = request.sampling_params
+        new_tokens = request.output_token_ids[self.num_processed :]
+        self.num_processed = request.num_output_tokens
+        if not new_tokens:
+            return False
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        if stopped_by_token:
+            new_tokens = new_tokens[:-1]  # an EOS / stop token adds no text
+        added = "".join(self.detok.add(t) for t in new_tokens)
+        self.text += added
+        if not self.stops or stopped_by_token or request.num_output_tokens < params.min_tokens:
+            return False
+        return self._check_stop_strings(len(added))
+
+    def _check_stop_strings(self, num_added: int) -> bool:
+        start = max(0, len(self.text) - num_added - self.hold_back)
+        best, best_stop = -1, None
+        for stop in self.stops:
+            idx = self.text.find(stop, start)
+            if idx >= 0 and (best < 0 or idx < best):
+                best, best_stop = idx, stop
+        if best < 0:
+            return False
+        keep = best + len(best_stop) if self.request.sampling_params.include_stop_str_in_output else best
+        self.text = self.text[:keep]
+        self.request.stop_reason = best_stop
+        return True
+
+    def visible_text(self) -> str:
+        if self.request.is_finished or not self.hold_back:
+            return self.text
+        return self.text[: max(0, len(self.text) - self.hold_back)]
+
+    def output(self) -> CompletionOutput:
+        r = self.request
+        return CompletionOutput(
+            index=r.index,
+            text=self.visible_text(),
+            token_ids=list(r.output_token_ids),
+            cumulative_logprob=r.cumulative_logprob if r.logprobs is not None else None,
+            logprobs=r.logprobs,
+            finish_reason=r.finish_reason,
+            stop_reason=r.stop_reason,
+        )
+
+
+@dataclass
+class _Group:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[_Completion]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.request.is_finished for c in self.children)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.groups: dict[str, _Group] = {}
+        self.by_child: dict[str, _Completion] = {}
+
+    def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
+        completions = [_Completion(self.tokenizer, r) for r in children]
+        self.groups[parent_id] = _Group(prompt, children[0].prompt_token_ids, completions)
+        for c in completions:
+            self.by_child[c.request.request_id] = c
+
+    def record_logprobs(self, request: Request, logprobs: dict[int, Logprob] | None) -> None:
+        if logprobs is None or request.logprobs is None:
+            return
+        for token_id, lp in logprobs.items():
+            if lp.decoded_token is None:
+                lp.decoded_token = self.tokenizer.decode_token(token_id)
+        request.logprobs.append(logprobs)
+        chosen = logprobs.get(request.output_token_ids[-1])
+        if chosen is not None:
+            request.cumulative_logprob += chosen.logprob
+
+    def process(self, changed: list[Request]) -> tuple[list[RequestOutput], list[Request]]:
+        """Outputs for the parents of `changed`, and the requests a stop string just finished."""
+        stopped: list[Request] = []
+        parents: dict[str, None] = {}
+        for request in changed:
+            completion = self.by_child.get(request.request_id)
+            if completion is None:
+                continue
+            if completion.update() and not request.is_finished:
+                request.status = RequestStatus.FINISHED_STOPPED
+                stopped.append(request)
+            parents[request.parent_id] = None
+        return [self.output(pid) for pid in parents], stopped
+
+    def output(self, parent_id: str) -> RequestOutput:
+        group = self.groups[parent_id]
+        first = group.children[0].request
+        out = RequestOutput(
+            request_id=parent_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=[c.output() for c in group.children],
+            finished=group.finished,
+            num_cached_tokens=max(0, first.num_cached_tokens),
+            metrics=first.metrics,
+            num_computed_prefill_tokens=sum(c.request.num_prefill_tokens_run for c in group.children),
+            num_computed_decode_tokens=sum(c.request.num_decode_tokens_run for c in group.children),
+        )
+        if out.finished:
+            self.groups.pop(parent_id)
+            for c in group.children:
+                self.by_child.pop(c.request.request_id, None)
+        return out
+
+    def children(self, parent_id: str) -> list[Request]:
+        group = self.groups.get(parent_id)
+        return [c.request for c in group.children] if group else []

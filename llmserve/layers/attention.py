@@ -1,0 +1,39 @@
+"""The attention layer models use: paged KV cache plus a pluggable backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmserve.attention.backends import AttentionFn, torch_attention
+from llmserve.attention.metadata import get_attention_metadata
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V in the layer's cache slice and attends over the paged context.
+
+    The model runner binds `k_cache` / `v_cache` (views into one big KV tensor) and the backend
+    function after it has sized the pool; the metadata comes from the forward context.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.backend: AttentionFn = torch_attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        meta = get_attention_metadata()
+        out = self.backend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,70 @@
+"""Rotary position embedding: cos/sin cache construction (default and llama3 scaling)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmserve.kernels import ops
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent scaling (long wavelengths slowed by `factor`)."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_parameters(hf_config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from a config, across transformers 4.x and 5.x layouts."""
+    params = hf_config.get("rope_parameters") or {}
+    scaling = hf_config.get("rope_scaling") or None
+    theta = hf_config.get("rope_theta", params.get("rope_theta", 10000.0))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    return float(theta), scaling
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies neox-style rotary embedding to q and k at the given positions."""
+
+    def __init__(
+        self, head_dim: int, max_position: int, base: float, scaling: dict | None = None
+    ) -> None:
+        super().__init__()
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope scaling {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+        inv_freq = _inv_freq(head_dim, base)
+        if rope_type == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        elif rope_type == "linear":
+            inv_freq = inv_freq / float(scaling["factor"])
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, head_dim]
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)

@@ -1,0 +1,117 @@
+"""Load a Hugging Face checkpoint directory into an llmserve model (safetensors only, no pickle)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from llmserve.models.registry import resolve_model_class
+
+# Tensors that checkpoints carry but the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint's weight files: from the shard index if there is one, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / name for name in weight_map.values()})
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(
+            f"no *.safetensors weights in {str(model_dir)!r} (pickled .bin checkpoints are not loaded)"
+        )
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"checkpoint shards listed in the index are missing: {missing}")
+    return files
+
+
+def iterate_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter; raise on gaps or extras."""
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules", {})
+    loaded: set[str] = set()
+    for name, tensor in iterate_weights(model_dir):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
+            continue
+        target, shard = name, None
+        for fragment, (fused, shard_name) in packed.items():
+            if f".{fragment}." in name:
+                target, shard = name.replace(f".{fragment}.", f".{fused}."), shard_name
+                break
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+        if shard is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+            param.data.copy_(tensor)
+        else:
+            module = model.get_submodule(target.rsplit(".", 1)[0])
+            module.load_shard(param, shard, tensor)
+        loaded.add(f"{target}:{shard}" if shard else target)
+    _check_complete(model, params, loaded)
+
+
+def _check_complete(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+    missing = []
+    for name in params:
+        module_name = name.rsplit(".", 1)[0]
+        module = model.get_submodule(module_name)
+        shards = getattr(module, "shard_offsets", None)
+        if shards:
+            missing += [f"{name}[{s}]" for s in shards if f"{name}:{s}" not in loaded]
+        elif name not in loaded:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def load_model(
+    model_dir: str | Path, hf_config: dict, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """Build the model for `hf_config` on `device` in `dtype` and load its weights."""
+    cls = resolve_model_class(hf_config)
+    cfg = _flatten_text_config(hf_config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for module in model.modules():  # rotary caches stay float32 whatever the model dtype
+        if hasattr(module, "cos_sin_cache"):
+            module.cos_sin_cache = module.cos_sin_cache.float()
+    load_weights(model, model_dir)
+    return model.eval()
+
+
+def _flatten_text_config(hf_config: dict) -> dict:
+    """Some configs nest the decoder under `text_config`; the models read a flat dict."""
+    cfg = dict(hf_config)
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg.update(cfg["text_config"])
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}")
+    return cfg

@@ -1,0 +1,98 @@
+"""Greedy outputs token-exact against transformers' own model on the same weights (fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmserve import LLM, SamplingParams
+
+MAX_TOKENS = 10
+ARCH_OVERRIDES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+    "llama-tied-rope-llama3": {
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        },
+    },
+}
+
+
+def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    """18 prompts of mixed lengths (1..190 tokens); half share a 40-token prefix."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(40)]
+    prompts = []
+    for i, length in enumerate([1, 5, 17, 31, 32, 33, 48, 64, 90, 150, 7, 12, 45, 60, 80, 100, 3, 120]):
+        body = [rng.randrange(3, vocab) for _ in range(length)]
+        prompts.append(prefix + body if i % 2 else body)
+    return prompts
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    ids = list(prompt)
+    logprobs = []
+    for _ in range(steps):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        token = int(logits.argmax())
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+@pytest.fixture(scope="module", params=list(ARCH_OVERRIDES))
+def reference(request, checkpoint_factory):
+    name = request.param
+    arch = name.split("-")[0]
+    path = checkpoint_factory(arch, **ARCH_OVERRIDES[name])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = make_prompts(vocab=400)
+    expected = [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+    return path, prompts, expected
+
+
+def run_llmserve(path, prompts, **engine_args):
+    llm = LLM(path, dtype="float32", **engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return llm, outputs
+
+
+def assert_matches(outputs, expected):
+    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
+        completion = out.outputs[0]
+        assert completion.token_ids == tokens, f"prompt {i}"
+        got = [completion.logprobs[j][t].logprob for j, t in enumerate(completion.token_ids)]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt {i}"
+
+
+def test_greedy_batch_matches_transformers(reference):
+    path, prompts, expected = reference
+    llm, outputs = run_llmserve(path, prompts)
+    assert_matches(outputs, expected)
+    stats = llm.stats()
+    assert stats["prefix_cache_hits"] > 0  # the shared 40-token prefix was reused
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_greedy_with_preemption_matches_transformers(reference):
+    path, prompts, expected = reference
+    llm, outputs = run_llmserve(path, prompts, num_kv_blocks=24, block_size=16)
+    assert llm.stats()["num_preemptions"] > 0
+    assert_matches(outputs, expected)
+    assert llm.stats()["kv_blocks_free"] == 24
+
+
+def test_greedy_with_chunked_prefill_matches_transformers(reference):
+    path, prompts, expected = reference
+    llm, outputs = run_llmserve(path, prompts, max_num_batched_tokens=24, enable_prefix_caching=False)
+    assert_matches(outputs, expected)
