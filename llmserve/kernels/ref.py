@@ -51,14 +51,14 @@ def _attend(
     mask: torch.Tensor,  # [B, Lq, Lk] bool, True = attend
     scale: float,
 ) -> torch.Tensor:
-    num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    k = k.to(q.dtype)
-    v = v.to(q.dtype)
-    if num_heads != num_kv_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=2)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    # enable_gqa lets SDPA broadcast KV heads over their query groups without copying them.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+        q.transpose(1, 2),
+        k.to(q.dtype).transpose(1, 2),
+        v.to(q.dtype).transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
 
