@@ -60,13 +60,23 @@ def build_engine_config(model: str | None = None, **kwargs) -> EngineConfig:
     return config
 
 
+def served_model_name(model_dir: str) -> str:
+    """The name clients use: the directory's basename, or `llmserve-default` for the embedded model."""
+    from llmserve.models.default_model import DEFAULT_MODEL_NAME
+
+    path = Path(model_dir)
+    if (path / "llmserve_default_model.json").exists():  # marker written by ensure_default_model
+        return DEFAULT_MODEL_NAME
+    return path.name
+
+
 class LLMEngine:
     """The engine core. Not thread-safe: one caller drives add_request / abort / step."""
 
     def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
-        self.model_name = Path(config.model.model).name
+        self.model_name = served_model_name(config.model.model)
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model.model)
         self.runner = ModelRunner(config)
         self.max_model_len = config.max_model_len

@@ -39,6 +39,8 @@ class _Completion:
         if stopped_by_token:
             new_tokens = new_tokens[:-1]  # an EOS / stop token adds no text
         added = "".join(self.detok.add(t) for t in new_tokens)
+        if request.is_finished:
+            added += self.detok.flush()  # a trailing partial character shows as U+FFFD
         self.text += added
         if not self.stops or stopped_by_token or request.num_output_tokens < params.min_tokens:
             return False
