@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from llmserve.engine.executor import create_runner
 from llmserve.engine.kv_cache_manager import KVCacheManager
-from llmserve.engine.model_runner import ModelRunner
 from llmserve.engine.output_processor import OutputProcessor
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.scheduler import Scheduler
@@ -46,7 +46,7 @@ def build_engine_config(model: str | None = None, **kwargs) -> EngineConfig:
         SchedulerConfig: ("max_num_seqs", "max_num_batched_tokens"),
     }
     parts = {cls: {k: kwargs.pop(k) for k in keys if k in kwargs} for cls, keys in groups.items()}
-    allowed = {"attention_backend", "enforce_eager", "tokenizer"}
+    allowed = {"attention_backend", "enforce_eager", "tokenizer", "tensor_parallel_size"}
     unknown = set(kwargs) - allowed
     if unknown:
         raise ValueError(f"unknown engine option(s): {sorted(unknown)}")
@@ -78,7 +78,8 @@ class LLMEngine:
         self.config = config
         self.model_name = served_model_name(config.model.model)
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model.model)
-        self.runner = ModelRunner(config)
+        # A ModelRunner at TP=1; at TP>1 an executor driving one worker process per other rank.
+        self.runner = create_runner(config)
         self.max_model_len = config.max_model_len
         self.block_size = config.cache.block_size
         self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, config.cache.enable_prefix_caching)
@@ -144,8 +145,13 @@ class LLMEngine:
 
     def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
         limit = self.max_model_len
+        if params.max_tokens is None and num_prompt >= limit:
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{num_prompt} tokens, which leaves no room for a completion. Please shorten the prompt."
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
-        if num_prompt + max(max_tokens, 1) > limit:
+        if num_prompt + max_tokens > limit:
             raise ValueError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
@@ -214,6 +220,10 @@ class LLMEngine:
                 d + request.num_decode_tokens_run - d0,
             )
         return work
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers and leave the process group (no-op at TP=1)."""
+        self.runner.shutdown()
 
     def stats(self) -> dict:
         return {

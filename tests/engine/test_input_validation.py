@@ -80,3 +80,10 @@ def test_unknown_architecture_lists_supported_ones(tmp_path):
 def test_mismatched_sampling_params_list_is_rejected(llm):
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_prompt_filling_the_context_without_max_tokens_is_rejected(llm):
+    with pytest.raises(ValueError, match="your prompt has 256 tokens, which leaves no room"):
+        llm.generate({"prompt_token_ids": [5] * 256}, SamplingParams(max_tokens=None), use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [5] * 250}, SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6  # fills the context exactly

@@ -1,0 +1,68 @@
+"""`llmserve serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from llmserve.commands.engine_args import add_engine_args, engine_kwargs
+from llmserve.observability.recorder import add_trace_args
+from llmserve.server.openai.context import DEFAULT_MAX_BODY_BYTES
+
+API_KEY_ENV = "LLMSERVE_API_KEY"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (chat, completions, "
+                    "SSE streaming, /metrics). Without --model, serves the embedded default.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients pass as `model` (default: the directory name)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help=f"required bearer token (repeatable; default: ${API_KEY_ENV})")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting requests beyond which new ones get 429")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(p)
+    add_trace_args(p)  # trace ledger: --trace-db, --pricing, --log-prompts, --otlp-endpoint
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmserve.engine.async_engine import AsyncEngine
+    from llmserve.observability.recorder import install_trace_ledger, trace_options_from_args
+    from llmserve.server.openai.app import create_app
+    from llmserve.server.openai.server import build_server
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queued_requests < 0:
+        raise ValueError("--max-queued-requests must be >= 0")
+    if args.drain_timeout < 0:
+        raise ValueError("--drain-timeout must be >= 0")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = args.api_key or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
+    trace = trace_options_from_args(args)  # before the model loads: a bad pricing file fails fast
+    engine = AsyncEngine.from_args(max_queued_requests=args.max_queued_requests,
+                                   **engine_kwargs(args))
+    names = args.served_model_name
+    if names is None and args.model is None:
+        from llmserve.models.default_model import DEFAULT_MODEL_NAME
+
+        names = [DEFAULT_MODEL_NAME]
+    app = create_app(engine, served_model_names=names, api_keys=keys,
+                     max_body_bytes=args.max_body_bytes)
+    install_trace_ledger(app, engine, trace)
+    server = build_server(app, args.host, args.port, drain_timeout=args.drain_timeout,
+                          log_level=args.log_level)
+    server.run()
+    return 0
