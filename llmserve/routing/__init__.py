@@ -1,0 +1,1 @@
+"""Model router: canary and shadow deployments, health checks, release gate, rollback."""

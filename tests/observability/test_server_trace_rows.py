@@ -8,7 +8,7 @@ import sqlite3
 
 import httpx
 import pytest
-from conftest import traced_server
+from ledger_server import traced_server
 
 from llmserve.models.version import compute_model_version
 from llmserve.observability.ledger import find_row, query_rows

@@ -1,0 +1,155 @@
+"""Talking to replicas: pick one, retry what never reached the client, hand back the response.
+
+A request is retried on another replica when its attempt fails before the router has sent the
+client a single byte: the connection could not be opened, the replica died before answering, it
+answered 502/503/504, or (streaming) it died before its first chunk. The router reads the first
+chunk before it commits to a response, so "not started streaming" is exactly "nothing sent".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from llmserve.routing.backends import MODEL_VERSION_HEADER, Capture, ReplicaState
+from llmserve.routing.records import RequestInfo
+
+if TYPE_CHECKING:
+    from llmserve.routing.router import ModelState, Router
+
+_RETRY_STATUS = (502, 503, 504)
+# Transport failures that prove the replica did not produce an answer for us. A read timeout is
+# not among them: the replica may still be working, and a retry would double the wait.
+RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+             httpx.RemoteProtocolError, httpx.PoolTimeout)
+
+
+class UpstreamError(Exception):
+    """No replica produced a response; nothing was sent to the client."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class Opened:
+    """An upstream response the router has committed to (its replica's load stays counted)."""
+
+    replica: ReplicaState
+    response: httpx.Response
+    capture: Capture
+    first: bytes | None = None  # streaming: the first chunk, already read
+    chunks: Any = None  # streaming: the iterator the first chunk came from
+    body: bytes | None = None  # otherwise: the whole body
+    released: bool = False
+
+    def release(self) -> None:
+        """Count the request as done on its replica (idempotent)."""
+        if not self.released:
+            self.released = True
+            self.replica.outstanding -= 1
+            self.replica.served += 1
+
+
+def upstream_headers(info: RequestInfo, replica: ReplicaState,
+                     client_headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers for the replica: trace context, route, prompt version and credentials."""
+    headers = {"content-type": "application/json", "accept-encoding": "identity",
+               "traceparent": info.trace.traceparent, "x-request-id": info.request_id,
+               "x-llmserve-route": info.route}
+    if info.parent_trace_id:
+        headers["x-parent-trace-id"] = info.parent_trace_id
+    auth = f"Bearer {replica.api_key}" if replica.api_key else client_headers.get("authorization")
+    if auth:
+        headers["authorization"] = auth
+    if info.prompt_version:
+        headers["x-prompt-version"] = info.prompt_version
+    return headers
+
+
+async def _attempt(router: Router, replica: ReplicaState, endpoint: str, body: bytes,
+                   headers: dict[str, str], info: RequestInfo, keep_text: bool) -> Opened:
+    req = router.client.build_request("POST", replica.url + endpoint, content=body,
+                                      headers=headers, timeout=router.timeout)
+    resp = await router.client.send(req, stream=True)
+    try:
+        cap = Capture(start=info.start, streaming=info.stream, keep_text=keep_text,
+                      status_code=resp.status_code,
+                      model_version=resp.headers.get(MODEL_VERSION_HEADER))
+        if resp.status_code in _RETRY_STATUS:
+            await resp.aread()
+            raise UpstreamError(502, f"replica answered HTTP {resp.status_code}", "upstream_error")
+        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+        if info.stream and resp.status_code == 200 and is_sse:
+            chunks = resp.aiter_raw()
+            first = await anext(chunks, b"")
+            return Opened(replica, resp, cap, first=first, chunks=chunks)
+        data = await resp.aread()
+        await resp.aclose()
+        return Opened(replica, resp, cap, body=data)
+    except BaseException:
+        await resp.aclose()
+        raise
+
+
+async def open_upstream(router: Router, state: ModelState, deployment: str, body: bytes,
+                        client_headers: Mapping[str, str], key: str | None, info: RequestInfo,
+                        keep_text: bool = False) -> Opened:
+    """Try replicas of ``deployment`` until one answers.
+
+    Raises:
+        UpstreamError: no healthy replica (503), or every attempt failed (502).
+    """
+    policy, replicas = state.policies[deployment], state.replicas[deployment]
+    tried: set[str] = set()
+    last = "no healthy replica"
+    for _ in range(router.config.max_attempts):
+        replica = policy.pick(replicas, key, tried)
+        if replica is None:
+            break
+        tried.add(replica.url)
+        replica.outstanding += 1
+        headers = upstream_headers(info, replica, client_headers)
+        try:
+            return await _attempt(router, replica, info.endpoint, body, headers, info, keep_text)
+        except RETRYABLE as exc:
+            replica.outstanding -= 1
+            last = f"{replica.url}: {type(exc).__name__}"
+            router.health.failure(replica, last, immediate=isinstance(exc, httpx.ConnectError))
+        except UpstreamError as exc:
+            replica.outstanding -= 1
+            last = f"{replica.url}: {exc.message}"
+        except BaseException:
+            replica.outstanding -= 1
+            raise
+    if not tried:
+        raise UpstreamError(503, f"no healthy replica for deployment {deployment!r}",
+                            "no_healthy_replica")
+    raise UpstreamError(502, f"every attempt failed for deployment {deployment!r} ({last})",
+                        "upstream_unreachable")
+
+
+async def read_all(opened: Opened) -> tuple[str, str | None]:
+    """Read a response to its end into its capture; returns (status, error_type)."""
+    cap = opened.capture
+    try:
+        if opened.body is not None:
+            cap.feed_body(opened.body)
+        else:
+            if opened.first:
+                cap.feed_stream(opened.first)
+            async for chunk in opened.chunks:
+                cap.feed_stream(chunk)
+    except httpx.HTTPError:
+        return "error", "upstream_disconnected"
+    finally:
+        cap.end = time.perf_counter()
+        await opened.response.aclose()
+    if opened.response.status_code >= 400 or cap.error_type:
+        return "error", cap.error_type or f"http_{opened.response.status_code}"
+    return "ok", None
