@@ -19,3 +19,12 @@ def test_generate_reports_bad_input_as_an_error_exit(llama_dir, capsys):
     rc = main(["generate", "--model", llama_dir, "--max-tokens", "0", "hi"])
     assert rc == 2
     assert "max_tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_command_finds_the_benchmark_scripts(capsys):
+    from llmserve.commands.bench import BENCHMARKS, benchmark_path
+
+    for name in BENCHMARKS:
+        assert benchmark_path(name).is_file()
+    assert main(["bench", "throughput", "--help"]) == 0
+    assert "--num-prompts" in capsys.readouterr().out
