@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="llmserve ranks (one process each)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -111,7 +112,7 @@ def run_llmserve(args, path, prompts, out_lens, device) -> dict:
 
     llm = LLM(path, dtype=args.dtype, device=str(device), max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-              seed=args.seed)
+              seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     reset_peak(device)

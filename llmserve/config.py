@@ -146,6 +146,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     tokenizer: str | None = None
+    # Ranks the model is split over (one process each); see llmserve.distributed.
+    tensor_parallel_size: int = 1
 
     @cached_property
     def max_model_len(self) -> int:
@@ -170,3 +172,6 @@ class EngineConfig:
                 raise ValueError(
                     "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for testing)"
                 )
+        from llmserve.distributed.parallel_state import check_tensor_parallel_size
+
+        check_tensor_parallel_size(self.model.hf_config, self.tensor_parallel_size)

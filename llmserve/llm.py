@@ -83,6 +83,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op with one rank)."""
+        self.engine.shutdown()
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)

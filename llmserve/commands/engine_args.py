@@ -20,6 +20,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks, one process each (gloo on CPU, NCCL on CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -37,4 +39,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "enforce_eager": args.enforce_eager,
         "device": args.device,
         "seed": args.seed,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }

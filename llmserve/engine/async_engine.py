@@ -295,6 +295,7 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self.engine.shutdown()  # tensor-parallel workers, if any
 
     # ------------------------------------------------------------------ step thread
 

@@ -1,7 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2; Qwen3 adds q/k norm in qwen3.py).
 
 The model sees only `input_ids` and `positions`; attention reads its metadata from the forward
-context. q/k/v and gate/up are fused projections filled by the loader.
+context. q/k/v and gate/up are fused projections filled by the loader. Under tensor parallelism
+each rank builds its shard: q/k/v and gate/up are column-parallel, o_proj and down_proj
+row-parallel (one all-reduce each per layer), the embedding and LM head vocab-parallel.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from torch import nn
 
 from llmserve.layers.activation import SiluAndMul
 from llmserve.layers.attention import Attention
-from llmserve.layers.embedding import LMHead, VocabEmbedding
-from llmserve.layers.linear import Linear, MergedLinear
+from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llmserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from llmserve.layers.rmsnorm import RMSNorm
 from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -23,16 +29,19 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
+        total_heads = cfg["num_attention_heads"]
+        total_kv_heads = cfg.get("num_key_value_heads") or total_heads
+        self.head_dim = cfg.get("head_dim") or hidden // total_heads
+        bias = bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2"
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv_heads, bias)
+        # This rank's heads (all of them at tensor_parallel_size=1).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        bias = bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2"
-        self.qkv_proj = MergedLinear(
-            hidden, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=bias
+        self.o_proj = RowParallelLinear(
+            total_heads * self.head_dim, hidden, bias=bool(cfg.get("attention_bias", False))
         )
-        self.o_proj = Linear(self.q_size, hidden, bias=bool(cfg.get("attention_bias", False)))
         theta, scaling = rope_parameters(cfg)
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
@@ -62,8 +71,8 @@ class LlamaMLP(nn.Module):
         bias = bool(cfg.get("mlp_bias", False))
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
-        self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, bias=bias)
-        self.down_proj = Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, {"gate": inter, "up": inter}, bias=bias)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(self.layer_cls(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
@@ -129,7 +138,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = self.model_cls(cfg)
-        self.lm_head = LMHead(cfg["vocab_size"], cfg["hidden_size"])
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -137,5 +146,6 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits; None on tensor-parallel ranks other than 0 (only rank 0 samples)."""
         return self.lm_head(hidden)

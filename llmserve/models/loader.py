@@ -1,4 +1,8 @@
-"""Load a Hugging Face checkpoint directory into an llmserve model (safetensors only, no pickle)."""
+"""Load a Hugging Face checkpoint directory into an llmserve model (safetensors only, no pickle).
+
+Under tensor parallelism each rank builds its shard of the model and loads only its slice of
+every weight (safetensors slices are read lazily from the memory-mapped file).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from llmserve.layers.linear import Loaded, default_weight_loader
 from llmserve.models.registry import resolve_model_class
 
 # Tensors that checkpoints carry but the model recomputes.
@@ -35,15 +40,21 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iterate_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_dir: str | Path) -> Iterator[tuple[str, Loaded]]:
+    """(name, lazy slice) for every checkpoint tensor; nothing is read until a loader slices it,
+    so a tensor-parallel rank reads only its own part of each weight."""
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Copy every checkpoint tensor into its (possibly fused) parameter; raise on gaps or extras."""
+    """Hand every checkpoint tensor to its parameter's loader; raise on gaps or extras.
+
+    A parameter's module may define `weight_loader(param, loaded, shard)` (fused projections,
+    tensor-parallel shards); other parameters are copied whole.
+    """
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules", {})
     loaded: set[str] = set()
@@ -60,13 +71,14 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor)
-        else:
-            module = model.get_submodule(target.rsplit(".", 1)[0])
-            module.load_shard(param, shard, tensor)
+        module = model.get_submodule(target.rsplit(".", 1)[0]) if "." in target else model
+        try:
+            if hasattr(module, "weight_loader"):
+                module.weight_loader(param, tensor, shard)
+            else:
+                default_weight_loader(param, tensor)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         loaded.add(f"{target}:{shard}" if shard else target)
     _check_complete(model, params, loaded)
 
