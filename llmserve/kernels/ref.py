@@ -40,8 +40,12 @@ def _gather_kv(
     """[batch, max_kv, kv_heads, head_dim] view of each sequence's context, gathered from blocks."""
     block_size = cache.shape[1]
     num_blocks = -(-max_kv // block_size)
-    gathered = cache[block_tables[:, :num_blocks].long()]  # [B, nb, bs, kvh, d]
-    return gathered.flatten(1, 2)[:, :max_kv]
+    ids = block_tables[:, :num_blocks].reshape(-1).long()
+    # index_select over whole blocks (one contiguous row each) is much faster than advanced
+    # indexing on CPU.
+    gathered = torch.index_select(cache.view(cache.shape[0], -1), 0, ids)
+    batch = block_tables.shape[0]
+    return gathered.view(batch, num_blocks * block_size, *cache.shape[2:])[:, :max_kv]
 
 
 def _attend(
