@@ -33,7 +33,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     add_trace_args(p)  # trace ledger: --trace-db, --pricing, --log-prompts, --otlp-endpoint
+    _add_batch_and_grpc_args(p)  # --batch-dir (Files + Batch API), --grpc-port
     p.set_defaults(func=run)
+
+
+def _add_batch_and_grpc_args(p: argparse.ArgumentParser) -> None:
+    from llmserve.batch.options import add_batch_args
+    from llmserve.server.grpc.options import add_grpc_args
+
+    add_batch_args(p)
+    add_grpc_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, served_model_names=names, api_keys=keys,
                      max_body_bytes=args.max_body_bytes)
     install_trace_ledger(app, engine, trace)
+    from llmserve.batch.api import install_batch_api_from_args
+    from llmserve.server.grpc.server import attach_grpc_from_args
+
+    install_batch_api_from_args(app, engine, args, names)  # /v1/files, /v1/batches + worker
+    attach_grpc_from_args(app, engine, args, names, keys)  # gRPC beside HTTP, same engine
     server = build_server(app, args.host, args.port, drain_timeout=args.drain_timeout,
                           log_level=args.log_level)
     server.run()

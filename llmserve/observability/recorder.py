@@ -177,7 +177,9 @@ class TraceRecorder:
             prompt_version=str(version)[:_MAX_LABEL] if version else None,
             chat_template_hash=self.chat_template_hash if is_chat else None,
             user_hash=hash_user(info.get("user"), self.ledger.user_hash_key),
-            route=(http.header("x-llmserve-route", ROUTES) if http else None) or "primary",
+            route=(http.header("x-llmserve-route", ROUTES) if http else None)
+            or (info.get("route") if info.get("route") in ROUTES else None)
+            or "primary",
             parent_trace_id=http.header("x-parent-trace-id") if http else None,
             extra={"http_request_id": info["http_request_id"]} if info.get("http_request_id") else {})
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Online serving: llmserve vs `transformers serve --continuous-batching`, same checkpoint, same
+# load, one run. Writes benchmarks/results/serving-<server>.json and prints both tables.
+#
+#   bash benchmarks/compare_serving.sh [NUM_PROMPTS] [CONCURRENCY]
+#
+# Checkpoint: a random 2-layer, hidden-128 Llama (bpe tokenizer). Greedy decoding, no
+# ignore_eos (transformers serve refuses unknown fields), so both servers produce the same tokens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+N=${1:-200}
+C=${2:-16}
+CKPT=${CKPT:-/tmp/llmserve-serving-bench-ckpt}
+RESULTS=${RESULTS:-benchmarks/results}
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+[ -f "$CKPT/config.json" ] || "$PY" -c "from llmserve.models.random_checkpoint import build_random_checkpoint as b; b('$CKPT', 'llama', tokenizer='bpe', hidden_size=128, intermediate_size=384)"
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+wait_up() { for _ in $(seq 1 240); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "server at $1 did not start" >&2; return 1; }
+
+run_bench() {  # PORT MODEL NAME
+  "$PY" benchmarks/serving.py --base-url "http://127.0.0.1:$1" --model "$2" --tokenizer "$CKPT" \
+    --num-prompts "$N" --input-len 128 --output-len 128 --max-concurrency "$C" --seed 0 \
+    --goodput ttft:1000 tpot:100 --result-json "$RESULTS/serving-$3.json"
+}
+
+"$PY" -m llmserve.cli serve --model "$CKPT" --port 8601 --trace-db off --log-level warning &
+pids+=($!)
+wait_up http://127.0.0.1:8601/health
+run_bench 8601 "$(basename "$CKPT")" llmserve
+cleanup; pids=()
+
+.venv/bin/transformers serve "$CKPT" --continuous-batching --host 127.0.0.1 --port 8602 >/tmp/transformers-serve.log 2>&1 &
+pids+=($!)
+wait_up http://127.0.0.1:8602/v1/models
+run_bench 8602 "$CKPT" transformers-serve
