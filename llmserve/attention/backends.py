@@ -30,9 +30,13 @@ def torch_attention(
     scale: float,
 ) -> torch.Tensor:
     ref.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-    return ref.paged_attention(
-        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
-    )
+    plan = meta.backend_cache.get("torch_plan")
+    if plan is None:  # first layer of the step: index arithmetic and masks, shared by all layers
+        plan = ref.plan_paged_attention(
+            meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
+        )
+        meta.backend_cache["torch_plan"] = plan
+    return ref.paged_attention_planned(q, k_cache, v_cache, plan, scale)
 
 
 def get_attention_backend(name: str) -> AttentionFn:

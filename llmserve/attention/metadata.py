@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class AttentionMetadata:
     max_seq_len: int
     # Host copies, so backends can plan without a device sync.
     num_decode_tokens: int = 0  # leading rows that are single-token decodes (0 if unknown)
+    # Per-step scratch for backends: layer-independent work done by the first layer and reused.
+    backend_cache: dict = field(default_factory=dict)
 
 
 _current: AttentionMetadata | None = None

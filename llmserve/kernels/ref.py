@@ -14,6 +14,8 @@ attend causally to every cached token at or before their position.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -34,18 +36,80 @@ def store_kvcache(
     v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
 
 
-def _gather_kv(
-    cache: torch.Tensor, block_tables: torch.Tensor, max_kv: int
-) -> torch.Tensor:
-    """[batch, max_kv, kv_heads, head_dim] view of each sequence's context, gathered from blocks."""
-    block_size = cache.shape[1]
-    num_blocks = -(-max_kv // block_size)
-    ids = block_tables[:, :num_blocks].reshape(-1).long()
+@dataclass
+class _Group:
+    """Sequences attended together: their query rows, padded layout, block ids and mask."""
+
+    token_rows: torch.Tensor  # [n] rows of q (and out) this group owns
+    pad_index: tuple[torch.Tensor, torch.Tensor] | None  # (seq, offset) of each row; None = decode
+    block_ids: torch.Tensor  # [num_seqs * num_blocks] block ids to gather, sequence-major
+    num_seqs: int
+    max_q: int
+    max_kv: int
+    mask: torch.Tensor  # [num_seqs, max_q, max_kv] bool, True = attend
+
+
+@dataclass
+class AttentionPlan:
+    """Everything about a step's attention that does not depend on the layer.
+
+    Built once per step (index arithmetic, masks, gather ids) and reused by every layer, so a
+    layer only gathers its blocks and runs attention.
+    """
+
+    groups: list[_Group]
+
+
+def plan_paged_attention(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+) -> AttentionPlan:
+    """Split a flat batch into decode rows (batched together) and multi-token sequences (padded)."""
+    device = seq_lens.device
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    is_decode = q_lens == 1
+    groups = []
+    decode_idx = torch.nonzero(is_decode).flatten()
+    extend_idx = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
+    if decode_idx.numel():
+        lens = seq_lens[decode_idx]
+        max_kv = int(lens.max())
+        mask = (torch.arange(max_kv, device=device)[None, :] < lens[:, None])[:, None, :]
+        groups.append(_Group(
+            token_rows=query_start_loc[:-1][decode_idx].long(), pad_index=None,
+            block_ids=_block_ids(block_tables[decode_idx], max_kv, block_size),
+            num_seqs=len(decode_idx), max_q=1, max_kv=max_kv, mask=mask,
+        ))
+    if extend_idx.numel():
+        lens, qlens = seq_lens[extend_idx], q_lens[extend_idx]
+        max_q, max_kv = int(qlens.max()), int(lens.max())
+        seq_of_row = torch.repeat_interleave(torch.arange(len(extend_idx), device=device), qlens)
+        offset = torch.arange(int(qlens.sum()), device=device) - torch.repeat_interleave(
+            torch.cumsum(qlens, 0) - qlens, qlens
+        )
+        q_pos = (lens - qlens)[:, None] + torch.arange(max_q, device=device)[None, :]
+        groups.append(_Group(
+            token_rows=(query_start_loc[:-1][extend_idx][seq_of_row] + offset).long(),
+            pad_index=(seq_of_row, offset),
+            block_ids=_block_ids(block_tables[extend_idx], max_kv, block_size),
+            num_seqs=len(extend_idx), max_q=max_q, max_kv=max_kv,
+            mask=torch.arange(max_kv, device=device)[None, None, :] <= q_pos[:, :, None],
+        ))
+    return AttentionPlan(groups)
+
+
+def _block_ids(block_tables: torch.Tensor, max_kv: int, block_size: int) -> torch.Tensor:
+    return block_tables[:, : -(-max_kv // block_size)].reshape(-1).long()
+
+
+def _gather_kv(cache: torch.Tensor, group: _Group) -> torch.Tensor:
+    """[num_seqs, max_kv, kv_heads, head_dim]: each sequence's context, gathered from its blocks."""
     # index_select over whole blocks (one contiguous row each) is much faster than advanced
     # indexing on CPU.
-    gathered = torch.index_select(cache.view(cache.shape[0], -1), 0, ids)
-    batch = block_tables.shape[0]
-    return gathered.view(batch, num_blocks * block_size, *cache.shape[2:])[:, :max_kv]
+    gathered = torch.index_select(cache.view(cache.shape[0], -1), 0, group.block_ids)
+    return gathered.view(group.num_seqs, -1, *cache.shape[2:])[:, : group.max_kv]
 
 
 def _attend(
@@ -67,6 +131,24 @@ def _attend(
     return out.transpose(1, 2)
 
 
+def paged_attention_planned(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
+) -> torch.Tensor:
+    """`paged_attention` with the layer-independent work already done by `plan_paged_attention`."""
+    out = torch.empty_like(q)
+    for group in plan.groups:
+        k = _gather_kv(k_cache, group)
+        v = _gather_kv(v_cache, group)
+        if group.pad_index is None:  # decode rows: one query each
+            out[group.token_rows] = _attend(q[group.token_rows][:, None], k, v, group.mask, scale)[:, 0]
+        else:
+            seq, offset = group.pad_index
+            q_pad = q.new_zeros(group.num_seqs, group.max_q, *q.shape[1:])
+            q_pad[seq, offset] = q[group.token_rows]
+            out[group.token_rows] = _attend(q_pad, k, v, group.mask, scale)[seq, offset]
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -81,37 +163,8 @@ def paged_attention(
     Decode rows (one query) are batched together; sequences with several query rows are padded
     to the longest of them. Both groups are one vectorised call, never a loop over tokens.
     """
-    out = torch.empty_like(q)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    is_decode = q_lens == 1
-    decode_idx = torch.nonzero(is_decode).flatten()
-    extend_idx = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
-    if decode_idx.numel():
-        rows = query_start_loc[:-1][decode_idx].long()
-        lens = seq_lens[decode_idx]
-        max_kv = int(lens.max())
-        k = _gather_kv(k_cache, block_tables[decode_idx], max_kv)
-        v = _gather_kv(v_cache, block_tables[decode_idx], max_kv)
-        mask = (torch.arange(max_kv, device=q.device)[None, :] < lens[:, None])[:, None, :]
-        out[rows] = _attend(q[rows][:, None], k, v, mask, scale)[:, 0]
-    if extend_idx.numel():
-        lens = seq_lens[extend_idx]
-        qlens = q_lens[extend_idx]
-        starts = query_start_loc[:-1][extend_idx]
-        max_q, max_kv = int(qlens.max()), int(lens.max())
-        seq_of_row = torch.repeat_interleave(torch.arange(len(extend_idx), device=q.device), qlens)
-        offset_in_seq = torch.arange(int(qlens.sum()), device=q.device) - torch.repeat_interleave(
-            torch.cumsum(qlens, 0) - qlens, qlens
-        )
-        token_rows = (starts[seq_of_row] + offset_in_seq).long()
-        q_pad = q.new_zeros(len(extend_idx), max_q, *q.shape[1:])
-        q_pad[seq_of_row, offset_in_seq] = q[token_rows]
-        q_pos = (lens - qlens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
-        mask = torch.arange(max_kv, device=q.device)[None, None, :] <= q_pos[:, :, None]
-        k = _gather_kv(k_cache, block_tables[extend_idx], max_kv)
-        v = _gather_kv(v_cache, block_tables[extend_idx], max_kv)
-        out[token_rows] = _attend(q_pad, k, v, mask, scale)[seq_of_row, offset_in_seq]
-    return out
+    plan = plan_paged_attention(query_start_loc, seq_lens, block_tables, k_cache.shape[1])
+    return paged_attention_planned(q, k_cache, v_cache, plan, scale)
 
 
 def rms_norm(
