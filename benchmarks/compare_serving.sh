@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Online serving: llmserve vs `transformers serve --continuous-batching`, same checkpoint, same
-# load, one run. Writes benchmarks/results/serving-<server>.json and prints both tables.
+# load, one run. Writes benchmarks/results/<date>-cpu-serving-<server>.json and prints both tables.
 #
 #   bash benchmarks/compare_serving.sh [NUM_PROMPTS] [CONCURRENCY]
 #
@@ -26,7 +26,7 @@ wait_up() { for _ in $(seq 1 240); do curl -sf "$1" >/dev/null 2>&1 && return 0;
 run_bench() {  # PORT MODEL NAME
   "$PY" benchmarks/serving.py --base-url "http://127.0.0.1:$1" --model "$2" --tokenizer "$CKPT" \
     --num-prompts "$N" --input-len 128 --output-len 128 --max-concurrency "$C" --seed 0 \
-    --goodput ttft:1000 tpot:100 --result-json "$RESULTS/serving-$3.json"
+    --goodput ttft:1000 tpot:100 --result-json "$RESULTS/$(date +%F)-cpu-serving-$3.json"
 }
 
 "$PY" -m llmserve.cli serve --model "$CKPT" --port 8601 --trace-db off --log-level warning &
