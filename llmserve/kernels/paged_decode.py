@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.attention_tile import attend_tile
 from llmserve.kernels.common import check_launchable, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
@@ -58,35 +59,11 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < hi
-        page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        in_page = offs_n % PAGE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_cache_ptr + page[:, None] * stride_kb + in_page[:, None] * stride_ks
-            + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0,
+        acc, m_i, l_i = attend_tile(
+            q, acc, m_i, l_i, start, 0, hi, table, k_cache_ptr, v_cache_ptr, kv_head, qk_scale,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_mask,
+            PAGE, BLOCK_N, False, IEEE,
         )
-        v = tl.load(
-            v_cache_ptr + page[:, None] * stride_vb + in_page[:, None] * stride_vs
-            + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        # Scores in log2 units (scale * log2(e) folded in) so the softmax uses exp2.
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SINGLE:  # one slice, no merge pass: write the output directly

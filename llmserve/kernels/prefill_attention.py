@@ -14,48 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from llmserve.kernels.attention_tile import attend_tile
 from llmserve.kernels.common import check_launchable, next_pow2
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_tile(
-    q, acc, m_i, l_i, start, offs_m_pos, hi, table, k_cache_ptr, v_cache_ptr, kv_head, qk_scale,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_mask,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-):
-    """One online-softmax step over keys [start, start + BLOCK_N)."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hi
-    page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-    in_page = offs_n % PAGE
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(
-        k_cache_ptr + page[:, None] * stride_kb + in_page[:, None] * stride_ks
-        + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0,
-    )
-    v = tl.load(
-        v_cache_ptr + page[:, None] * stride_vb + in_page[:, None] * stride_vs
-        + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0,
-    )
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
-    if CAUSAL:
-        visible = (offs_n[None, :] <= offs_m_pos[:, None]) & n_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return acc * alpha[:, None] + pv, m_new, l_i
 
 
 @triton.jit
@@ -98,13 +60,13 @@ def _extend_kernel(
     full_end = ((prefix + m_start) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(prefix + m_start + BLOCK_M, seq_len)
     for start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, start, pos, hi, table, k_cache_ptr, v_cache_ptr, kv_head, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_mask,
             PAGE, BLOCK_N, False, IEEE,
         )
     for start in range(full_end, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
+        acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, start, pos, hi, table, k_cache_ptr, v_cache_ptr, kv_head, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_mask,
             PAGE, BLOCK_N, True, IEEE,
