@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,25 +38,10 @@ def traced_server(checkpoint: pathlib.Path, db: pathlib.Path, pricing: str | Non
     from llmserve.engine.llm_engine import LLMEngine
     from llmserve.observability.recorder import TraceOptions, install_trace_ledger
     from llmserve.server.openai.app import create_app
-    from llmserve.server.openai.server import build_server
+    from llmserve.server.openai.server import serve_in_background
 
     engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS))
     app = create_app(engine)
     recorder = install_trace_ledger(app, engine, TraceOptions(str(db), pricing, log_prompts))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = build_server(app, "127.0.0.1", port, drain_timeout=5.0, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield TracedServer(f"http://127.0.0.1:{port}", str(db), engine, recorder)
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with serve_in_background(app) as (url, _server):
+        yield TracedServer(url, str(db), engine, recorder)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,7 +13,7 @@ import jsonschema
 
 from llmserve.engine.async_engine import AsyncEngine
 from llmserve.engine.llm_engine import LLMEngine
-from llmserve.server.openai import build_server, create_app
+from llmserve.server.openai import create_app, serve_in_background
 
 SCHEMAS = json.loads((pathlib.Path(__file__).parent / "openai_schemas.json").read_text())
 # Small pools and batches: the tests share two CPU cores with other work.
@@ -62,23 +59,8 @@ def live_server(checkpoint: pathlib.Path, *, max_queued_requests: int = 1024,
     engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **args),
                          max_queued_requests=max_queued_requests)
     app = create_app(engine, api_keys=api_keys, max_body_bytes=max_body_bytes)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = build_server(app, "127.0.0.1", port, drain_timeout=5.0, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", engine, server)
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with serve_in_background(app) as (url, server):
+        yield LiveServer(url, engine, server)
 
 
 def sse_events(base_url: str, path: str, body: dict, **kwargs) -> list[tuple[str | None, str]]:

@@ -14,7 +14,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -96,3 +96,30 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5, lifespan="on")
     return DrainingServer(config, app.state.ctx, drain_timeout=drain_timeout)
+
+
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", drain_timeout: float = 5.0,
+                        log_level: str = "warning",
+                        start_timeout: float = 60.0) -> Iterator[tuple[str, DrainingServer]]:
+    """Serve `app` on a free port in a daemon thread (tests, examples, embedding); yields
+    (base URL, server) and stops the server on exit."""
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say so, and without
+    # it every small response waits for the peer's delayed ACK (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    server = build_server(app, host, port, drain_timeout=drain_timeout, log_level=log_level)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the server on {host}:{port} did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
