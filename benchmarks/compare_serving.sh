@@ -2,7 +2,7 @@
 # Online serving: llmserve vs `transformers serve --continuous-batching`, same checkpoint, same
 # load, one run. Writes benchmarks/results/<date>-cpu-serving-<server>.json and prints both tables.
 #
-#   bash benchmarks/compare_serving.sh [NUM_PROMPTS] [CONCURRENCY]
+#   [ENDPOINT=/v1/chat/completions] bash benchmarks/compare_serving.sh [NUM_PROMPTS] [CONCURRENCY]
 #
 # Checkpoint: a random 2-layer, hidden-128 Llama (bpe tokenizer). Greedy decoding, no
 # ignore_eos (transformers serve refuses unknown fields), so both servers produce the same tokens.
@@ -13,6 +13,8 @@ N=${1:-200}
 C=${2:-16}
 CKPT=${CKPT:-/tmp/llmserve-serving-bench-ckpt}
 RESULTS=${RESULTS:-benchmarks/results}
+ENDPOINT=${ENDPOINT:-/v1/completions}   # or /v1/chat/completions
+TAG=$([ "$ENDPOINT" = /v1/completions ] && echo serving || echo serving-chat)
 mkdir -p "$RESULTS"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 [ -f "$CKPT/config.json" ] || "$PY" -c "from llmserve.models.random_checkpoint import build_random_checkpoint as b; b('$CKPT', 'llama', tokenizer='bpe', hidden_size=128, intermediate_size=384)"
@@ -24,9 +26,9 @@ trap cleanup EXIT
 wait_up() { for _ in $(seq 1 240); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; echo "server at $1 did not start" >&2; return 1; }
 
 run_bench() {  # PORT MODEL NAME
-  "$PY" benchmarks/serving.py --base-url "http://127.0.0.1:$1" --model "$2" --tokenizer "$CKPT" \
+  "$PY" benchmarks/serving.py --base-url "http://127.0.0.1:$1" --model "$2" --tokenizer "$CKPT" --endpoint "$ENDPOINT" \
     --num-prompts "$N" --input-len 128 --output-len 128 --max-concurrency "$C" --seed 0 \
-    --goodput ttft:1000 tpot:100 --result-json "$RESULTS/$(date +%F)-cpu-serving-$3.json"
+    --goodput ttft:1000 tpot:100 --result-json "$RESULTS/$(date +%F)-cpu-$TAG-$3.json"
 }
 
 "$PY" -m llmserve.cli serve --model "$CKPT" --port 8601 --trace-db off --log-level warning &
