@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -11,3 +12,9 @@ import torch
 # is set here, before any folder's tests import the engine. CPU code paths never call Triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Servers started by tests (in-process or as subprocesses, which inherit the environment) keep
+# their default trace ledger and batch store in a scratch folder, never in the user's home.
+_scratch = tempfile.mkdtemp(prefix="llmserve-tests-")
+os.environ.setdefault("LLMSERVE_TRACE_DB", os.path.join(_scratch, "traces.db"))
+os.environ.setdefault("LLMSERVE_BATCH_DIR", os.path.join(_scratch, "batches"))
