@@ -62,7 +62,7 @@ run_step pytest_kernels 170 "$OUT/pytest_kernels.log" \
 if [[ -f benchmarks/throughput.py ]]; then
   run_step throughput 240 "$OUT/throughput.log" \
     "$PY" benchmarks/throughput.py --model-preset qwen3-0.6b --num-prompts 256 \
-    --input-len-range 100 1024 --output-len-range 100 1024 --dtype bfloat16 \
+    --input-len-range 100 1024 --output-len-range 100 1024 --dtype bfloat16 --skip hf-static \
     --json "$OUT/throughput.json"
 else
   echo '{"step": "throughput", "skipped": "benchmarks/throughput.py not found"}' >>"$STEPS"

@@ -172,14 +172,24 @@ def run_hf_generate_batch(args, model, prompts, out_lens, device) -> dict:
                            pad_token_id=model.config.pad_token_id or 0)
     reset_peak(device)
     start = time.perf_counter()
+    mode = "generate_batch"
     if len(set(out_lens)) == 1:
         results = model.generate_batch(inputs=prompts, generation_config=cfg)
     else:
-        results = _generate_batch_per_request(model, cfg, prompts, out_lens)
+        try:
+            results = _generate_batch_per_request(model, cfg, prompts, out_lens)
+            mode = "manager, per-request max_new_tokens"
+        except (TypeError, AttributeError) as exc:  # an older manager API
+            print(f"per-request lengths unsupported ({exc}); every request runs to the longest",
+                  file=sys.stderr)
+            start = time.perf_counter()
+            results = model.generate_batch(inputs=prompts, generation_config=cfg)
+            mode = "generate_batch, all run to the longest (only requested tokens counted)"
     sync(device)
     elapsed = time.perf_counter() - start
     produced = sum(min(len(r.generated_tokens), n) for r, n in zip(_ordered(results, len(prompts)), out_lens))
-    return {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device)}
+    return {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device),
+            "mode": mode}
 
 
 def _ordered(results: dict, n: int) -> list:
@@ -225,16 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     prompts, out_lens = make_workload(args, min(vocab, 32000))
     runs: dict[str, dict] = {}
+
+    def record(name: str, run: dict) -> None:
+        run["output_tok_s"] = run["output_tokens"] / run["elapsed_s"]
+        runs[name] = run
+        if args.json:  # after every engine, so a run cut short by a timeout keeps what finished
+            Path(args.json).write_text(json.dumps(summary(args, device, out_lens, runs), indent=2))
+
     if "llmserve" not in args.skip:
-        runs["llmserve"] = run_llmserve(args, path, prompts, out_lens, device)
+        record("llmserve", run_llmserve(args, path, prompts, out_lens, device))
     if not {"hf-static", "hf-cb"} <= set(args.skip):
         model = load_hf(path, args, device)
         if "hf-cb" not in args.skip:
-            runs["hf_generate_batch"] = run_hf_generate_batch(args, model, prompts, out_lens, device)
+            record("hf_generate_batch", run_hf_generate_batch(args, model, prompts, out_lens, device))
         if "hf-static" not in args.skip:
-            runs["hf_generate"] = run_hf_static(args, model, prompts, out_lens, device)
-    for r in runs.values():
-        r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
+            record("hf_generate", run_hf_static(args, model, prompts, out_lens, device))
+    result = summary(args, device, out_lens, runs)
+    print_table(result)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def summary(args, device, out_lens: list[int], runs: dict[str, dict]) -> dict:
     result = {
         "benchmark": "throughput", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": args.model or args.model_preset, "dtype": args.dtype, "device": str(device),
@@ -246,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if "llmserve" in runs:
         base = runs["llmserve"]["output_tok_s"]
         result["ratios"] = {f"llmserve_vs_{k}": base / v["output_tok_s"] for k, v in runs.items() if k != "llmserve"}
-    print_table(result)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 def print_table(result: dict) -> None:
