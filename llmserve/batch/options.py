@@ -21,6 +21,7 @@ class BatchOptions:
             max(1, max_num_seqs // 8)).
         max_file_bytes: largest accepted upload.
         poll_s: how often the worker re-checks the engine's load.
+        counts_interval_s: how often `request_counts` are saved while a batch runs.
     """
 
     root: str | Path
@@ -29,6 +30,7 @@ class BatchOptions:
     busy_concurrency: int | None = None
     max_file_bytes: int = 256 * 1024 * 1024
     poll_s: float = 0.02
+    counts_interval_s: float = 1.0
 
 
 def default_batch_dir() -> str:

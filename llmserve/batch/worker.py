@@ -169,7 +169,7 @@ class BatchWorker:
             self._preempt_if_needed(queue)
             await asyncio.sleep(self.options.poll_s)
             self._raise_line_errors()
-            if time.monotonic() - last_save > 1.0:
+            if time.monotonic() - last_save > self.options.counts_interval_s:
                 self._save_counts(batch["id"], log)
                 last_save = time.monotonic()
         self._raise_line_errors()

@@ -82,8 +82,9 @@ async def test_interactive_request_preempts_running_batch_lines(tmp_path, model_
 
 
 async def test_cancel_mid_batch_keeps_finished_results_and_stops_the_rest(tmp_path, model_dir):
-    rows = [chat_line(f"c{i}", f"topic {i}", max_tokens=60, ignore_eos=True) for i in range(16)]
-    engine, store, batch, worker = _setup(tmp_path, model_dir, rows)
+    rows = [chat_line(f"c{i}", f"topic {i}", max_tokens=120, ignore_eos=True) for i in range(16)]
+    # Counts saved often, so the cancel lands while most lines are still to run.
+    engine, store, batch, worker = _setup(tmp_path, model_dir, rows, counts_interval_s=0.01)
     worker.start()
     try:
         await _wait(lambda: store.get_batch(batch["id"])["request_counts"]["completed"] >= 4)
