@@ -191,7 +191,6 @@ class LLMEngine:
         sampled = {}
         if samples is not None:
             sampled = {r.request_id: t for r, t in zip(sampling, samples.token_ids)}
-        before = {r.request_id: (r.num_prefill_tokens_run, r.num_decode_tokens_run) for r, _ in sched.scheduled}
         changed = self.scheduler.update_from_output(sched, sampled)
         now = time.time()
         for i, request in enumerate(sampling):
@@ -206,20 +205,8 @@ class LLMEngine:
         for out in new_outputs:
             if out.finished and out.metrics is not None:
                 out.metrics.finished_time = now
-        self.last_step = StepStats(start, now, self._step_work(sched.scheduled, before))
+        self.last_step = StepStats(start, now, sched.work)
         return outputs + new_outputs
-
-    @staticmethod
-    def _step_work(scheduled, before) -> dict[str, tuple[int, int]]:
-        work: dict[str, tuple[int, int]] = {}
-        for request, _ in scheduled:
-            p0, d0 = before[request.request_id]
-            p, d = work.get(request.parent_id, (0, 0))
-            work[request.parent_id] = (
-                p + request.num_prefill_tokens_run - p0,
-                d + request.num_decode_tokens_run - d0,
-            )
-        return work
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers and leave the process group (no-op at TP=1)."""

@@ -26,6 +26,8 @@ class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
+    # Filled by update_from_output: parent request id -> (prefill-style tokens, decode tokens).
+    work: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -123,10 +125,11 @@ class Scheduler:
                 continue
             # Cost accounting: a single token after the first output is a decode; everything
             # else (prompt, chunks, recompute after preemption) is prefill-style work.
-            if num_new == 1 and request.num_output_tokens > 0:
-                request.num_decode_tokens_run += 1
-            else:
-                request.num_prefill_tokens_run += num_new
+            prefill, decode = (0, 1) if num_new == 1 and request.num_output_tokens > 0 else (num_new, 0)
+            request.num_prefill_tokens_run += prefill
+            request.num_decode_tokens_run += decode
+            p, d = out.work.get(request.parent_id, (0, 0))
+            out.work[request.parent_id] = (p + prefill, d + decode)
             request.num_computed_tokens += num_new
             token = sampled.get(request.request_id)
             if token is None:
