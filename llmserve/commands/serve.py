@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="torch intra-op threads (default: $OMP_NUM_THREADS, else all cores but "
                         "one, so the HTTP event loop keeps a core)")
+    p.add_argument("--engine-core", choices=["process", "thread"], default="process",
+                   help="run the engine in its own process (default), so HTTP/SSE work and "
+                        "model steps do not share one GIL; 'thread' keeps it in this process")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
@@ -48,10 +51,10 @@ def _add_batch_and_grpc_args(p: argparse.ArgumentParser) -> None:
     add_grpc_args(p)
 
 
-def set_cpu_threads(requested: int | None) -> int:
-    """Leave a core to the event loop: the engine thread's torch ops and the HTTP/SSE work share
-    the GIL and the cores, and on a small machine intra-op threads spinning on every core slow
-    both (measured on 2 cores: 2,160 vs 1,550 output tok/s at concurrency 16)."""
+def engine_cpu_threads(requested: int | None) -> int:
+    """Torch threads for the engine: leave a core to the HTTP event loop. Intra-op threads
+    spinning on every core slow both on a small machine (measured on 2 cores with the engine in
+    a thread: 2,160 vs 1,550 output tok/s at concurrency 16)."""
     import torch
 
     if requested is not None and requested < 1:
@@ -60,7 +63,6 @@ def set_cpu_threads(requested: int | None) -> int:
         if os.environ.get("OMP_NUM_THREADS"):
             return torch.get_num_threads()
         requested = max(1, (os.cpu_count() or 1) - 1)
-    torch.set_num_threads(requested)
     return requested
 
 
@@ -80,9 +82,14 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = args.api_key or ([os.environ[API_KEY_ENV]] if os.environ.get(API_KEY_ENV) else [])
     trace = trace_options_from_args(args)  # before the model loads: a bad pricing file fails fast
-    set_cpu_threads(args.cpu_threads)
+    threads = engine_cpu_threads(args.cpu_threads)
+    if args.engine_core == "thread":
+        import torch
+
+        torch.set_num_threads(threads)
     engine = AsyncEngine.from_args(max_queued_requests=args.max_queued_requests,
-                                   **engine_kwargs(args))
+                                   engine_process=args.engine_core == "process",
+                                   cpu_threads=threads, **engine_kwargs(args))
     names = args.served_model_name
     if names is None and args.model is None:
         from llmserve.models.default_model import DEFAULT_MODEL_NAME

@@ -4,6 +4,10 @@ One thread owns the engine: it applies queued adds and aborts between steps, run
 hands each step's outputs to the event loop with `loop.call_soon_threadsafe`. The engine itself
 is never touched from another thread, so it needs no locks. When there is no work the thread
 sleeps on a condition variable.
+
+`MultiprocessAsyncEngine` (in `core_client.py`) keeps this class's API, streams and observers
+but runs the engine in a child process, so the model's Python work never competes with the event
+loop for the GIL; `AsyncEngine.from_args(engine_process=True)` builds one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
+
+from llmserve.engine.request_stream import RequestStream
 
 if TYPE_CHECKING:
     from llmserve.engine.llm_engine import LLMEngine
@@ -49,85 +55,6 @@ class _PendingAdd:
     priority: int
     info: dict
     future: asyncio.Future
-
-
-class RequestStream:
-    """Async iterator over one request's cumulative `RequestOutput`s.
-
-    Outputs are cumulative, so a slow consumer only ever sees the latest one: nothing queues up
-    behind it. Iteration ends after the finished output; an engine failure raises
-    EngineDeadError. Leaving early (cancelling the consumer, or `break` out of `async for`)
-    aborts the request.
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop,
-                 arrival_time: float) -> None:
-        self.request_id = request_id
-        self.loop = loop
-        self.arrival_time = arrival_time
-        self.prompt_token_ids: list[int] = []
-        self.first_token_time: float | None = None
-        self.last_token_time = arrival_time
-        self.num_tokens_seen = 0
-        self.accepted: asyncio.Future | None = None  # resolved when the engine took the request
-        self._engine = engine
-        self._latest: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._finished = False  # the final output (or an error) arrived
-        self._done = False  # the consumer has seen the end
-        self._event = asyncio.Event()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        # An async generator: `break` (or dropping it) closes it, and closing aborts.
-        try:
-            while True:
-                try:
-                    out = await self.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield out
-        finally:
-            self.abort()
-
-    async def __anext__(self) -> RequestOutput:
-        while True:
-            if self._latest is not None:
-                out, self._latest = self._latest, None
-                self._done = out.finished
-                return out
-            if self._error is not None:
-                self._done = True
-                raise self._error
-            if self._done or self._finished:
-                raise StopAsyncIteration
-            self._event.clear()
-            try:
-                await self._event.wait()
-            except asyncio.CancelledError:
-                self.abort()
-                raise
-
-    def abort(self) -> None:
-        """Abort the request unless it already finished (idempotent)."""
-        if not self._finished:
-            self._engine.abort(self.request_id)
-
-    def _put(self, out: RequestOutput) -> None:
-        self._latest = out
-        self._finished = self._finished or out.finished
-        self._event.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._finished = True
-        self._event.set()
 
 
 class AsyncEngine:
@@ -176,8 +103,19 @@ class AsyncEngine:
         self._hooks: dict[str, list] = {name: [] for name in HOOKS}
 
     @classmethod
-    def from_args(cls, max_queued_requests: int = 1024, **engine_kwargs: Any) -> AsyncEngine:
-        """Build the LLMEngine from `LLMEngine.from_args(**engine_kwargs)` and wrap it."""
+    def from_args(cls, max_queued_requests: int = 1024, *, engine_process: bool = False,
+                  cpu_threads: int | None = None, **engine_kwargs: Any) -> AsyncEngine:
+        """Build the engine from `LLMEngine.from_args(**engine_kwargs)` and wrap it.
+
+        With `engine_process=True` the engine runs in a child process (with `cpu_threads` torch
+        threads) and this returns a `MultiprocessAsyncEngine`; otherwise it runs in a thread of
+        this process.
+        """
+        if engine_process:
+            from llmserve.engine.core_client import EngineCoreClient, MultiprocessAsyncEngine
+
+            client = EngineCoreClient.start(engine_kwargs, cpu_threads=cpu_threads)
+            return MultiprocessAsyncEngine(client, max_queued_requests=max_queued_requests)
         from llmserve.engine.llm_engine import LLMEngine
 
         return cls(LLMEngine.from_args(**engine_kwargs), max_queued_requests=max_queued_requests)
@@ -255,15 +193,7 @@ class AsyncEngine:
         stream.accepted = loop.create_future()
         pending = _PendingAdd(stream, prompt, params, arrival, priority, dict(info or {}),
                               stream.accepted)
-        with self._cond:
-            if self._dead is not None or self._stopping:  # re-checked under the lock
-                raise EngineDeadError(self._dead_message())
-            # Waiting = not yet handed to the engine, plus the engine's own waiting queue.
-            waiting = len(self._adds) + self._applying + self._stats.get("num_waiting", 0)
-            if waiting >= self.max_queued_requests:
-                raise QueueFullError(waiting, self.max_queued_requests)
-            self._adds.append(pending)
-            self._cond.notify()
+        self._enqueue(pending)
         self._streams[request_id] = stream
         try:
             await pending.future
@@ -274,6 +204,18 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise
         return stream
+
+    def _enqueue(self, pending: _PendingAdd) -> None:
+        """Hand an add to the step thread, or raise QueueFullError / EngineDeadError."""
+        with self._cond:
+            if self._dead is not None or self._stopping:  # re-checked under the lock
+                raise EngineDeadError(self._dead_message())
+            # Waiting = not yet handed to the engine, plus the engine's own waiting queue.
+            waiting = len(self._adds) + self._applying + self._stats.get("num_waiting", 0)
+            if waiting >= self.max_queued_requests:
+                raise QueueFullError(waiting, self.max_queued_requests)
+            self._adds.append(pending)
+            self._cond.notify()
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (thread-safe, idempotent); applied before the next step."""
@@ -337,7 +279,8 @@ class AsyncEngine:
         with self._cond:
             self._stats = stats
             self._applying = 0
-        self._dispatch(outputs, now)
+        self._dispatch([_snapshot(out) for out in outputs], now,
+                       getattr(self.engine, "last_step", None))
         return self.engine.has_unfinished_requests()
 
     def _apply_add(self, pending: _PendingAdd) -> None:
@@ -353,7 +296,9 @@ class AsyncEngine:
         self._loops[stream.request_id] = stream.loop
         stream.loop.call_soon_threadsafe(self._accepted, pending, list(prompt_ids))
 
-    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], now: float, step: object) -> None:
+        """Hand a step's outputs (which the engine will not mutate any more) and its step stats
+        to the event loops of their requests (runs on the thread that drives the engine)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[RequestOutput]] = {}
         for out in outputs:
             loop = self._loops.get(out.request_id)
@@ -361,8 +306,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._loops[out.request_id]
-            by_loop.setdefault(loop, []).append(_snapshot(out))
-        step = getattr(self.engine, "last_step", None)
+            by_loop.setdefault(loop, []).append(out)
         # A step that only reported aborts leaves last_step as it was: report each step once.
         if step is not None and step is not self._last_step and self._hooks["on_step"]:
             _call_soon(self._main_loop, self._call_hooks, "on_step", step)

@@ -19,5 +19,6 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def server(checkpoint) -> Iterator[LiveServer]:
-    with live_server(checkpoint) as live:
+    # The engine in its own process, as `llmserve serve` runs it by default.
+    with live_server(checkpoint, engine_process=True) as live:
         yield live

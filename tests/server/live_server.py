@@ -53,11 +53,19 @@ class LiveServer:
 @contextlib.contextmanager
 def live_server(checkpoint: pathlib.Path, *, max_queued_requests: int = 1024,
                 api_keys: tuple[str, ...] = (), max_body_bytes: int = 1 << 20,
-                **engine_args) -> Iterator[LiveServer]:
-    """Start a server in a background thread; stop it (and its engine) on exit."""
+                engine_process: bool = False, **engine_args) -> Iterator[LiveServer]:
+    """Start a server in a background thread; stop it (and its engine) on exit.
+
+    `engine_process=True` runs the engine in its own process, as `llmserve serve` does; the
+    default keeps it in a thread so that tests can reach into the engine.
+    """
     args = {**ENGINE_ARGS, **engine_args}
-    engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **args),
-                         max_queued_requests=max_queued_requests)
+    if engine_process:
+        engine = AsyncEngine.from_args(max_queued_requests, engine_process=True, cpu_threads=1,
+                                       model=str(checkpoint), **args)
+    else:
+        engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **args),
+                             max_queued_requests=max_queued_requests)
     app = create_app(engine, api_keys=api_keys, max_body_bytes=max_body_bytes)
     with serve_in_background(app) as (url, server):
         yield LiveServer(url, engine, server)

@@ -14,10 +14,26 @@ from llmserve.engine.llm_engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
 
 
+def _build(mode: str, checkpoint, max_queued_requests: int = 8) -> AsyncEngine:
+    if mode == "process":
+        return AsyncEngine.from_args(max_queued_requests, engine_process=True, cpu_threads=1,
+                                     model=str(checkpoint), **ENGINE_ARGS)
+    return AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS),
+                       max_queued_requests=max_queued_requests)
+
+
+@pytest.fixture(params=["thread", "process"])
+async def engine(request, checkpoint):
+    """The same contract with the engine in a thread and in its own process."""
+    async_engine = _build(request.param, checkpoint)
+    yield async_engine
+    await asyncio.to_thread(async_engine.shutdown)
+
+
 @pytest.fixture
-async def engine(checkpoint):
-    async_engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS),
-                               max_queued_requests=8)
+async def thread_engine(checkpoint):
+    """In a thread only: for tests that reach into the LLMEngine."""
+    async_engine = _build("thread", checkpoint)
     yield async_engine
     await asyncio.to_thread(async_engine.shutdown)
 
@@ -125,7 +141,8 @@ async def test_hooks_run_in_order_and_a_raising_hook_is_only_logged(engine, capl
     assert "exploded" in caplog.text
 
 
-async def test_engine_error_fails_in_flight_requests_and_rejects_new_ones(engine):
+async def test_engine_error_fails_in_flight_requests_and_rejects_new_ones(thread_engine):
+    engine = thread_engine
     stream = await engine.add_request("d1", "hello", SamplingParams(max_tokens=400,
                                                                    ignore_eos=True))
     real_step = engine.engine.step
@@ -147,9 +164,9 @@ async def test_engine_error_fails_in_flight_requests_and_rejects_new_ones(engine
         await engine.add_request("d2", "hello", SamplingParams(max_tokens=2))
 
 
-async def test_full_queue_rejects_with_queue_full_error(checkpoint):
-    engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS),
-                         max_queued_requests=0)
+@pytest.mark.parametrize("mode", ["thread", "process"])
+async def test_full_queue_rejects_with_queue_full_error(checkpoint, mode):
+    engine = _build(mode, checkpoint, max_queued_requests=0)
     try:
         with pytest.raises(QueueFullError) as info:
             await engine.add_request("q", "hello", SamplingParams(max_tokens=2))
@@ -169,7 +186,8 @@ async def test_bad_request_raises_value_error_and_leaves_nothing_behind(engine):
     assert engine.num_unfinished == 0
 
 
-async def test_idle_engine_does_not_spin(engine):
+async def test_idle_engine_does_not_spin(thread_engine):
+    engine = thread_engine
     calls = 0
     real_step = engine.engine.step
 

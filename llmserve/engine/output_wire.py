@@ -1,0 +1,125 @@
+"""RequestOutputs across a process boundary: only what changed since the last message.
+
+Outputs are cumulative (the whole text and token ids so far), so sending them as they are would
+cost O(length) per token. The engine-core process encodes each output as a delta against what it
+already sent for that request, and the frontend rebuilds the cumulative `RequestOutput`, so every
+consumer sees exactly what an in-process engine would have given it.
+
+Text, token ids and logprobs are sent as `(keep, tail)`: keep the first `keep` items of what the
+frontend holds and append `tail`. They only ever grow while a request runs, so `keep` is
+normally everything sent so far; the encoder still checks, and resends the whole value if an
+engine ever rewrote the past.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmserve.outputs import CompletionOutput, RequestOutput
+
+# (index, text keep, text tail, token keep, token tail, logprobs keep, logprobs tail or None,
+#  cumulative_logprob, finish_reason, stop_reason)
+WireCompletion = tuple
+# (request_id, prompt, prompt_token_ids or None after the first message, finished,
+#  num_cached_tokens, metrics, prefill tokens run, decode tokens run, extra, completions)
+WireOutput = tuple
+
+
+@dataclass
+class _Sent:
+    text: str = ""
+    num_tokens: int = 0
+    num_logprobs: int = 0
+
+
+class OutputEncoder:
+    """Engine side: `encode(outputs)` gives the wire form; forgets a request once it finished."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, dict[int, _Sent]] = {}
+
+    def encode(self, outputs: list[RequestOutput]) -> list[WireOutput]:
+        return [self._encode(out) for out in outputs]
+
+    def _encode(self, out: RequestOutput) -> WireOutput:
+        sent = self._sent.get(out.request_id)
+        first = sent is None
+        if sent is None:
+            sent = self._sent[out.request_id] = {}
+        completions = []
+        for c in out.outputs:
+            s = sent.setdefault(c.index, _Sent())
+            text_keep = len(s.text) if c.text.startswith(s.text) else 0
+            tok_keep = s.num_tokens if len(c.token_ids) >= s.num_tokens else 0
+            lp_keep, lp_tail = 0, None
+            if c.logprobs is not None:
+                lp_keep = s.num_logprobs if len(c.logprobs) >= s.num_logprobs else 0
+                lp_tail = c.logprobs[lp_keep:]
+                s.num_logprobs = len(c.logprobs)
+            completions.append((
+                c.index, text_keep, c.text[text_keep:], tok_keep, c.token_ids[tok_keep:],
+                lp_keep, lp_tail, c.cumulative_logprob, c.finish_reason, c.stop_reason,
+            ))
+            s.text, s.num_tokens = c.text, len(c.token_ids)
+        if out.finished:
+            del self._sent[out.request_id]
+        return (
+            out.request_id, out.prompt, out.prompt_token_ids if first else None, out.finished,
+            out.num_cached_tokens, out.metrics, out.num_computed_prefill_tokens,
+            out.num_computed_decode_tokens, out.extra, completions,
+        )
+
+
+@dataclass
+class _Held:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    completions: dict[int, CompletionOutput] = field(default_factory=dict)
+
+
+class OutputDecoder:
+    """Frontend side: `decode(wire)` rebuilds fresh cumulative RequestOutputs (never mutated
+    afterwards, so consumers may keep them)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Held] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def decode(self, wire: list[WireOutput]) -> list[RequestOutput]:
+        return [self._decode(w) for w in wire]
+
+    def forget(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
+
+    def _decode(self, w: WireOutput) -> RequestOutput:
+        (request_id, prompt, prompt_ids, finished, cached, metrics, prefill, decode, extra,
+         completions) = w
+        held = self._held.get(request_id)
+        if held is None:
+            held = self._held[request_id] = _Held(prompt, prompt_ids or [])
+        outputs = []
+        for (index, text_keep, text_tail, tok_keep, tok_tail, lp_keep, lp_tail, cumulative,
+             finish_reason, stop_reason) in completions:
+            prev = held.completions.get(index)
+            if prev is None:
+                text, tokens, logprobs = text_tail, list(tok_tail), (
+                    list(lp_tail) if lp_tail is not None else None)
+            else:
+                text = prev.text[:text_keep] + text_tail
+                tokens = prev.token_ids[:tok_keep] + tok_tail
+                logprobs = None
+                if lp_tail is not None:
+                    logprobs = (prev.logprobs or [])[:lp_keep] + lp_tail
+            c = CompletionOutput(index, text, tokens, cumulative, logprobs, finish_reason,
+                                 stop_reason)
+            held.completions[index] = c
+            outputs.append(c)
+        if finished:
+            del self._held[request_id]
+        return RequestOutput(
+            request_id=request_id, prompt=held.prompt, prompt_token_ids=held.prompt_token_ids,
+            outputs=outputs, finished=finished, num_cached_tokens=cached, metrics=metrics,
+            num_computed_prefill_tokens=prefill, num_computed_decode_tokens=decode, extra=extra,
+        )

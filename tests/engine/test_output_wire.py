@@ -1,0 +1,56 @@
+"""Deltas across the engine-core pipe rebuild exactly the cumulative outputs."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+from llmserve.engine.output_wire import OutputDecoder, OutputEncoder
+from llmserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def _out(rid, texts, tokens, finished=False, logprobs=None):
+    outputs = [CompletionOutput(i, t, list(ids), -1.5 if logprobs else None,
+                                copy.deepcopy(logprobs[i]) if logprobs else None,
+                                "length" if finished else None)
+               for i, (t, ids) in enumerate(zip(texts, tokens))]
+    return RequestOutput(rid, "prompt", [1, 2, 3], outputs, finished, num_cached_tokens=2)
+
+
+def _roundtrip(encoder, decoder, outs):
+    return decoder.decode(pickle.loads(pickle.dumps(encoder.encode(outs))))
+
+
+def test_growing_outputs_round_trip_and_send_only_the_new_part():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    lp = [[{5: Logprob(-0.1, 1, "a")}], [{6: Logprob(-0.2, 1, "b")}]]
+    first = _out("r", ["a", "b"], [[5], [6]], logprobs=lp)
+    assert _roundtrip(enc, dec, [first]) == [first]
+    lp2 = [lp[0] + [{7: Logprob(-0.3, 1, "c")}], lp[1] + [{8: Logprob(-0.4, 2, "d")}]]
+    second = _out("r", ["ac", "bd"], [[5, 7], [6, 8]], logprobs=lp2)
+    wire = enc.encode([second])
+    (_, _, prompt_ids, _, _, _, _, _, _, comps), = wire
+    assert prompt_ids is None  # sent once
+    assert comps[0][1:5] == (1, "c", 1, [7]) and comps[0][5] == 1
+    assert dec.decode(wire) == [second]
+
+
+def test_rewritten_text_is_resent_whole():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    _roundtrip(enc, dec, [_out("r", ["hello wor"], [[1, 2, 3]])])
+    trimmed = _out("r", ["hello"], [[1, 2]], finished=True)
+    assert _roundtrip(enc, dec, [trimmed]) == [trimmed]
+
+
+def test_finished_requests_are_forgotten_on_both_sides():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    _roundtrip(enc, dec, [_out("a", ["x"], [[1]]), _out("b", ["y"], [[2]])])
+    _roundtrip(enc, dec, [_out("a", ["xz"], [[1, 3]], finished=True)])
+    assert len(dec) == 1 and list(enc._sent) == ["b"]
+
+
+def test_decoded_outputs_are_not_mutated_by_later_steps():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    (early,) = _roundtrip(enc, dec, [_out("r", ["a"], [[1]])])
+    _roundtrip(enc, dec, [_out("r", ["ab"], [[1, 2]])])
+    assert early.outputs[0].token_ids == [1] and early.outputs[0].text == "a"
