@@ -29,13 +29,14 @@ def torch_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    ref.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-    plan = meta.backend_cache.get("torch_plan")
-    if plan is None:  # first layer of the step: index arithmetic and masks, shared by all layers
+    cached = meta.backend_cache.get("torch")
+    if cached is None:  # first layer of the step: index arithmetic and masks, shared by all layers
         plan = ref.plan_paged_attention(
             meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
         )
-        meta.backend_cache["torch_plan"] = plan
+        cached = meta.backend_cache["torch"] = (ref.prepare_slots(meta.slot_mapping), plan)
+    (slots, keep), plan = cached
+    ref.store_kvcache_prepared(k, v, k_cache, v_cache, slots, keep)
     return ref.paged_attention_planned(q, k_cache, v_cache, plan, scale)
 
 

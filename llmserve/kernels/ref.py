@@ -28,12 +28,34 @@ def store_kvcache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write this step's keys and values into their slots; slot -1 is padding and is skipped."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    store_kvcache_prepared(k, v, k_cache, v_cache, *prepare_slots(slot_mapping))
+
+
+def prepare_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(int64 slots to write, mask of the rows they come from or None for all rows): the
+    layer-independent half of `store_kvcache`, done once per step."""
     keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
-    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
+    if bool(keep.all()):
+        return slot_mapping.long(), None
+    return slot_mapping[keep].long(), keep
+
+
+def store_kvcache_prepared(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    keep: torch.Tensor | None,
+) -> None:
+    """`store_kvcache` with the slots from `prepare_slots`."""
+    if keep is not None:
+        k, v = k[keep], v[keep]
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
 @dataclass
@@ -120,10 +142,12 @@ def _attend(
     scale: float,
 ) -> torch.Tensor:
     # enable_gqa lets SDPA broadcast KV heads over their query groups without copying them.
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
-        k.to(q.dtype).transpose(1, 2),
-        v.to(q.dtype).transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
         attn_mask=mask[:, None],
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
@@ -135,6 +159,11 @@ def paged_attention_planned(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     """`paged_attention` with the layer-independent work already done by `plan_paged_attention`."""
+    if len(plan.groups) == 1 and plan.groups[0].pad_index is None and plan.groups[0].num_seqs == q.shape[0]:
+        # Every row is a decode, in order (the common step): no scatter into an output buffer.
+        group = plan.groups[0]
+        return _attend(q[:, None], _gather_kv(k_cache, group), _gather_kv(v_cache, group),
+                       group.mask, scale)[:, 0]
     out = torch.empty_like(q)
     for group in plan.groups:
         k = _gather_kv(k_cache, group)
@@ -179,6 +208,12 @@ def rms_norm(
     Computed in float32 and cast back, as Hugging Face's Llama does.
     """
     orig_dtype = x.dtype
+    if orig_dtype == torch.float32 and weight.dtype == torch.float32:
+        # The same arithmetic without the no-op casts: on CPU each call costs as much as a
+        # small kernel, and the engine runs this twice per layer per step.
+        h = x if residual is None else x + residual
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
+        return weight * normed, (None if residual is None else h)
     h = x.float()
     if residual is not None:
         h = h + residual.float()
@@ -199,14 +234,23 @@ def rotary_embedding(
     q: [T, H, D], k: [T, KVH, D], cos_sin_cache: [max_pos, D] holding cos in the first half and
     sin in the second, float32. Returns new q and k in their input dtype.
     """
+    cos, sin = rotary_rows(cos_sin_cache, positions)
+    return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
+
+
+def rotary_rows(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ([T, 1, D]) full-width cos and sign-folded sin for `rotate_neox`:
+    cos2 = [cos, cos] and sin2 = [-sin, sin], so that rotating needs no split and no concat."""
     cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
-    return rotate(q), rotate(k)
+def rotate_neox(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """x * cos2 + rotate_half(x) * sin2, in float32. `roll` by half a head puts the second half
+    first; with the sign folded into sin2 this is exactly (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    xf = x.float()
+    out = xf * cos2 + xf.roll(x.shape[-1] // 2, -1) * sin2
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

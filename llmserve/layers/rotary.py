@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from llmserve.kernels import ops
+from llmserve.kernels import ops, ref
+from llmserve.kernels.common import triton_enabled
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
@@ -43,7 +44,15 @@ def rope_parameters(hf_config: dict) -> tuple[float, dict | None]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies neox-style rotary embedding to q and k at the given positions."""
+    """Applies neox-style rotary embedding to q and k at the given positions.
+
+    Off CUDA, the cos/sin rows of a step are gathered once and shared by every layer with the
+    same rope (each layer has its own module, but all receive the same `positions` tensor).
+    """
+
+    # (positions, rope key, cos2, sin2) of the latest step; holding `positions` keeps its
+    # identity from being reused by a later tensor.
+    _step_rows: tuple = (None, None, None, None)
 
     def __init__(
         self, head_dim: int, max_position: int, base: float, scaling: dict | None = None
@@ -63,8 +72,25 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [max_pos, head_dim]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._rope_key = (head_dim, max_position, base, repr(scaling))
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        if triton_enabled(q):
+            return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        cos2, sin2 = self._rows(positions)
+        return ref.rotate_neox(q, cos2, sin2), ref.rotate_neox(k, cos2, sin2)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate one [T, heads, head_dim] tensor (q and k stacked, off CUDA)."""
+        cos2, sin2 = self._rows(positions)
+        return ref.rotate_neox(x, cos2, sin2)
+
+    def _rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        held, key, cos2, sin2 = RotaryEmbedding._step_rows
+        if held is positions and key == self._rope_key and cos2.device == positions.device:
+            return cos2, sin2
+        cos2, sin2 = ref.rotary_rows(self.cos_sin_cache, positions)
+        RotaryEmbedding._step_rows = (positions, self._rope_key, cos2, sin2)
+        return cos2, sin2

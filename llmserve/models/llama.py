@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmserve.kernels.common import triton_enabled
 from llmserve.layers.activation import SiluAndMul
 from llmserve.layers.attention import Attention
 from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -54,6 +55,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        if not self.qk_norm and not triton_enabled(qkv):
+            # q and k sit side by side in each row: rotate them as one [T, H + KVH, D] tensor.
+            heads = self.num_heads + self.num_kv_heads
+            qk = self.rotary_emb.rotate(
+                positions, qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim))
+            v = qkv[:, self.q_size + self.kv_size :]
+            return self.o_proj(self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
