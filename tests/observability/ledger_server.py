@@ -32,15 +32,21 @@ def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @contextlib.contextmanager
 def traced_server(checkpoint: pathlib.Path, db: pathlib.Path, pricing: str | None = None,
-                  log_prompts: bool = False) -> Iterator[TracedServer]:
-    """An OpenAI server with the trace ledger installed, in a background thread."""
+                  log_prompts: bool = False, engine_process: bool = False
+                  ) -> Iterator[TracedServer]:
+    """An OpenAI server with the trace ledger installed, in a background thread (its engine in
+    a thread, or in its own process as `llmserve serve` runs it)."""
     from llmserve.engine.async_engine import AsyncEngine
     from llmserve.engine.llm_engine import LLMEngine
     from llmserve.observability.recorder import TraceOptions, install_trace_ledger
     from llmserve.server.openai.app import create_app
     from llmserve.server.openai.server import serve_in_background
 
-    engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS))
+    if engine_process:
+        engine = AsyncEngine.from_args(engine_process=True, cpu_threads=1, model=str(checkpoint),
+                                       **ENGINE_ARGS)
+    else:
+        engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS))
     app = create_app(engine)
     recorder = install_trace_ledger(app, engine, TraceOptions(str(db), pricing, log_prompts))
     with serve_in_background(app) as (url, _server):

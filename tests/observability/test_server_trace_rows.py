@@ -22,7 +22,10 @@ def server(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("traced")
     pricing = tmp / "pricing.toml"
     pricing.write_text(f'[models."*"]\nmode = "hardware"\nusd_per_hour = {USD_PER_HOUR}\n')
-    with traced_server(tiny_checkpoint, tmp / "t.db", pricing=str(pricing)) as live:
+    # The engine in its own process, as `llmserve serve` runs it: step stats and outputs cross
+    # the process boundary before they are priced.
+    with traced_server(tiny_checkpoint, tmp / "t.db", pricing=str(pricing),
+                       engine_process=True) as live:
         yield live
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from live_server import live_server, sse_events, validate
 
 CHAT = [{"role": "user", "content": "Hello"}]
@@ -61,16 +62,37 @@ class _Streamer(threading.Thread):
                     self.started.set()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_cleanly(checkpoint):
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(c) for c in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("engine_core", ["process", "thread"])
+def test_sigterm_drains_in_flight_requests_and_exits_cleanly(checkpoint, engine_core):
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llmserve.cli", "serve", "--model", str(checkpoint),
            "--port", str(port), "--num-kv-blocks", "128", "--max-model-len", "512",
-           "--drain-timeout", "60", "--log-level", "warning"]
+           "--drain-timeout", "60", "--log-level", "warning", "--engine-core", engine_core]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    children: set[int] = set()
     try:
         _wait_healthy(base_url, proc)
+        children = _children(proc.pid)
+        if engine_core == "process" and os.path.exists(f"/proc/{proc.pid}/task"):
+            assert children, "the engine core should be a child process"
         streamer = _Streamer(base_url, max_tokens=300)
         streamer.start()
         assert streamer.started.wait(30)
@@ -88,6 +110,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    deadline = time.monotonic() + 10
+    while not all(_gone(c) for c in children):  # the engine core does not outlive the server
+        assert time.monotonic() < deadline, children
+        time.sleep(0.05)
     assert streamer.events[-1] == (None, "[DONE]")
     chunks = [json.loads(data) for name, data in streamer.events[:-1]]
     assert all(name is None for name, _ in streamer.events)
