@@ -208,14 +208,19 @@ class AsyncEngine:
     def _enqueue(self, pending: _PendingAdd) -> None:
         """Hand an add to the step thread, or raise QueueFullError / EngineDeadError."""
         with self._cond:
-            if self._dead is not None or self._stopping:  # re-checked under the lock
-                raise EngineDeadError(self._dead_message())
-            # Waiting = not yet handed to the engine, plus the engine's own waiting queue.
-            waiting = len(self._adds) + self._applying + self._stats.get("num_waiting", 0)
-            if waiting >= self.max_queued_requests:
-                raise QueueFullError(waiting, self.max_queued_requests)
+            self._check_admission()
             self._adds.append(pending)
             self._cond.notify()
+
+    def _check_admission(self) -> None:
+        """Raise EngineDeadError / QueueFullError unless an add may be queued (holds `_cond`)."""
+        if self._dead is not None or self._stopping:  # re-checked under the lock
+            raise EngineDeadError(self._dead_message())
+        # Waiting = not yet handed to the engine (or not yet taken by it), plus the engine's own
+        # waiting queue.
+        waiting = len(self._adds) + self._applying + self._stats.get("num_waiting", 0)
+        if waiting >= self.max_queued_requests:
+            raise QueueFullError(waiting, self.max_queued_requests)
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (thread-safe, idempotent); applied before the next step."""

@@ -21,13 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from llmserve.engine.async_engine import (
-    AsyncEngine,
-    EngineDeadError,
-    QueueFullError,
-    _call_soon,
-    _PendingAdd,
-)
+from llmserve.engine.async_engine import AsyncEngine, EngineDeadError, _call_soon, _PendingAdd
 from llmserve.engine.engine_core import run_engine_core
 from llmserve.engine.output_wire import OutputDecoder
 
@@ -61,7 +55,7 @@ class EngineCoreClient:
         from llmserve.tokenizer import Tokenizer
 
         kwargs = dict(engine_kwargs)
-        config = build_engine_config(kwargs.pop("model", None), **dict(kwargs))
+        config = build_engine_config(kwargs.pop("model", None), **kwargs)
         # The child gets the resolved model directory, so both build the same config.
         kwargs["model"] = config.model.model
         tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model.model)
@@ -141,23 +135,11 @@ class MultiprocessAsyncEngine(AsyncEngine):
     def core_pid(self) -> int | None:
         return self.engine.process.pid
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        import asyncio
-
-        self._main_loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._read, name="llmserve-core-reader",
-                                        daemon=True)
-        self._thread.start()
-
     def _enqueue(self, pending: _PendingAdd) -> None:
+        # `_applying` counts the adds the core has not answered yet, so the base class's
+        # admission check counts them as waiting.
         with self._cond:
-            if self._dead is not None or self._stopping:
-                raise EngineDeadError(self._dead_message())
-            waiting = len(self._unacked) + self._stats.get("num_waiting", 0)
-            if waiting >= self.max_queued_requests:
-                raise QueueFullError(waiting, self.max_queued_requests)
+            self._check_admission()
             rid = pending.stream.request_id
             self._unacked[rid] = pending
             self._applying = len(self._unacked)
@@ -196,7 +178,8 @@ class MultiprocessAsyncEngine(AsyncEngine):
 
     # ------------------------------------------------------------------ reader thread
 
-    def _read(self) -> None:
+    def _run(self) -> None:
+        """The thread `start()` runs: it reads the core's messages instead of stepping."""
         messages = self.engine.messages
         while True:
             try:
@@ -222,22 +205,22 @@ class MultiprocessAsyncEngine(AsyncEngine):
     def _on_step_message(self, replies: list[tuple], wire: list[tuple], stats: dict,
                          step: object) -> None:
         now = time.time()
-        accepted = []
+        answered = []
         with self._cond:
             for kind, rid, payload in replies:
                 pending = self._unacked.pop(rid, None)
                 if pending is not None:
-                    accepted.append((kind, pending, payload))
+                    answered.append((kind, pending, payload))
             self._stats = stats
             self._applying = len(self._unacked)
-        for kind, pending, payload in accepted:
+        for kind, pending, payload in answered:
             if kind == "added":
                 self._loops[pending.stream.request_id] = pending.stream.loop
                 _call_soon(pending.stream.loop, self._accepted, pending, payload)
             else:
                 _call_soon(pending.stream.loop, self._rejected, pending, payload)
-        self._dispatch(self._decoder.decode(wire), now, step if step is not None else
-                       self._last_step)
+        # The core sends step stats only for a step that ran (None otherwise).
+        self._dispatch(self._decoder.decode(wire), now, step)
 
     def _die(self, exc: BaseException) -> None:
         with self._cond:

@@ -62,10 +62,10 @@ def run_engine_core(engine_kwargs: dict[str, Any], cpu_threads: int | None,
 
         engine = LLMEngine.from_args(**engine_kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which raises it
-        _send(messages, ("failed", portable_error(exc)))
+        messages.send(("failed", portable_error(exc)))
         return
     try:
-        _send(messages, ("ready", {"num_kv_blocks": engine.kv.num_blocks}))
+        messages.send(("ready", {"num_kv_blocks": engine.kv.num_blocks}))
         _serve(engine, commands, messages)
     except (EOFError, OSError):
         pass  # the frontend is gone: nothing left to serve
@@ -103,7 +103,7 @@ def _serve(engine: Any, commands: Connection, messages: Connection) -> None:
             elif kind == "abort_all":
                 aborts.update(live)
             elif kind == "stop":
-                _send(messages, ("stopped",))
+                messages.send(("stopped",))
                 return
         try:
             aborted = [rid for rid in aborts if rid in live]
@@ -120,13 +120,9 @@ def _serve(engine: Any, commands: Connection, messages: Connection) -> None:
             stats = engine.stats()
         except Exception as exc:  # noqa: BLE001 - fatal for every request; the frontend fails them
             logger.exception("engine step failed")
-            _send(messages, ("dead", portable_error(exc), traceback.format_exc()))
+            messages.send(("dead", portable_error(exc), traceback.format_exc()))
             return
         for out in outputs:
             if out.finished:
                 live.discard(out.request_id)
-        _send(messages, ("step", replies, wire, stats, step))
-
-
-def _send(conn: Connection, message: tuple) -> None:
-    conn.send(message)
+        messages.send(("step", replies, wire, stats, step))

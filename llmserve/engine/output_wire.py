@@ -90,9 +90,6 @@ class OutputDecoder:
     def decode(self, wire: list[WireOutput]) -> list[RequestOutput]:
         return [self._decode(w) for w in wire]
 
-    def forget(self, request_id: str) -> None:
-        self._held.pop(request_id, None)
-
     def _decode(self, w: WireOutput) -> RequestOutput:
         (request_id, prompt, prompt_ids, finished, cached, metrics, prefill, decode, extra,
          completions) = w

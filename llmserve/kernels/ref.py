@@ -207,20 +207,20 @@ def rms_norm(
     With a residual, the input is `x + residual`; the sum is returned as the new residual.
     Computed in float32 and cast back, as Hugging Face's Llama does.
     """
+    # Casts only where the dtype changes: on CPU even a no-op cast costs as much as a small
+    # kernel, and the engine runs this twice per layer per step.
     orig_dtype = x.dtype
-    if orig_dtype == torch.float32 and weight.dtype == torch.float32:
-        # The same arithmetic without the no-op casts: on CPU each call costs as much as a
-        # small kernel, and the engine runs this twice per layer per step.
-        h = x if residual is None else x + residual
-        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
-        return weight * normed, (None if residual is None else h)
-    h = x.float()
+    h = _as(x, torch.float32)
     if residual is not None:
-        h = h + residual.float()
-        residual = h.to(orig_dtype)
+        h = h + _as(residual, torch.float32)
+        residual = _as(h, orig_dtype)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(orig_dtype), residual
+    return weight * _as(h, orig_dtype), residual
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def rotary_embedding(
@@ -248,9 +248,9 @@ def rotary_rows(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[t
 def rotate_neox(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """x * cos2 + rotate_half(x) * sin2, in float32. `roll` by half a head puts the second half
     first; with the sign folded into sin2 this is exactly (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    xf = x.float()
+    xf = _as(x, torch.float32)
     out = xf * cos2 + xf.roll(x.shape[-1] // 2, -1) * sin2
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return _as(out, x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

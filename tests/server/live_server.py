@@ -21,6 +21,13 @@ ENGINE_ARGS = {"num_kv_blocks": 256, "block_size": 16, "max_num_seqs": 32,
                "max_num_batched_tokens": 512, "max_model_len": 512}
 
 
+def process_engine(checkpoint: pathlib.Path, max_queued_requests: int = 1024,
+                   **engine_args) -> AsyncEngine:
+    """An AsyncEngine whose engine runs in its own process, as `llmserve serve` runs it."""
+    return AsyncEngine.from_args(max_queued_requests, engine_process=True, cpu_threads=1,
+                                 model=str(checkpoint), **{**ENGINE_ARGS, **engine_args})
+
+
 def validate(name: str, instance: dict) -> None:
     """Validate `instance` against OpenAI's schema `name` (from openai_schemas.json)."""
     schema = {"$schema": SCHEMAS["$schema"], "$defs": SCHEMAS["$defs"],
@@ -59,12 +66,10 @@ def live_server(checkpoint: pathlib.Path, *, max_queued_requests: int = 1024,
     `engine_process=True` runs the engine in its own process, as `llmserve serve` does; the
     default keeps it in a thread so that tests can reach into the engine.
     """
-    args = {**ENGINE_ARGS, **engine_args}
     if engine_process:
-        engine = AsyncEngine.from_args(max_queued_requests, engine_process=True, cpu_threads=1,
-                                       model=str(checkpoint), **args)
+        engine = process_engine(checkpoint, max_queued_requests, **engine_args)
     else:
-        engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **args),
+        engine = AsyncEngine(LLMEngine.from_args(str(checkpoint), **{**ENGINE_ARGS, **engine_args}),
                              max_queued_requests=max_queued_requests)
     app = create_app(engine, api_keys=api_keys, max_body_bytes=max_body_bytes)
     with serve_in_background(app) as (url, server):

@@ -7,7 +7,7 @@ import logging
 import time
 
 import pytest
-from live_server import ENGINE_ARGS
+from live_server import ENGINE_ARGS, process_engine
 
 from llmserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from llmserve.engine.llm_engine import LLMEngine
@@ -16,8 +16,7 @@ from llmserve.sampling_params import SamplingParams
 
 def _build(mode: str, checkpoint, max_queued_requests: int = 8) -> AsyncEngine:
     if mode == "process":
-        return AsyncEngine.from_args(max_queued_requests, engine_process=True, cpu_threads=1,
-                                     model=str(checkpoint), **ENGINE_ARGS)
+        return process_engine(checkpoint, max_queued_requests)
     return AsyncEngine(LLMEngine.from_args(str(checkpoint), **ENGINE_ARGS),
                        max_queued_requests=max_queued_requests)
 

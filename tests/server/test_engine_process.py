@@ -10,21 +10,16 @@ import signal
 import time
 
 import pytest
-from live_server import ENGINE_ARGS
+from live_server import ENGINE_ARGS, process_engine
 
 from llmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.sampling_params import SamplingParams
 
 
-def _process_engine(checkpoint, **overrides) -> AsyncEngine:
-    return AsyncEngine.from_args(8, engine_process=True, cpu_threads=1, model=str(checkpoint),
-                                 **{**ENGINE_ARGS, **overrides})
-
-
 @pytest.fixture
 async def engine(checkpoint):
-    async_engine = _process_engine(checkpoint)
+    async_engine = process_engine(checkpoint, 8)
     yield async_engine
     await asyncio.to_thread(async_engine.shutdown)
 
@@ -111,11 +106,11 @@ async def test_core_that_cannot_load_the_model_is_a_clear_error(checkpoint, tmp_
     for weights in broken.glob("*.safetensors"):
         weights.unlink()
     with pytest.raises(Exception, match="safetensors|weights|No such file"):
-        await asyncio.to_thread(_process_engine, broken)
+        await asyncio.to_thread(process_engine, broken, 8)
 
 
 async def test_shutdown_stops_the_core_process(checkpoint):
-    engine = _process_engine(checkpoint)
+    engine = process_engine(checkpoint, 8)
     stream = await engine.add_request("x", "hi", SamplingParams(max_tokens=3))
     assert [o async for o in stream][-1].finished
     process = engine.engine.process
