@@ -178,9 +178,13 @@ async def test_full_queue_rejects_with_queue_full_error(checkpoint, mode):
 async def test_bad_request_raises_value_error_and_leaves_nothing_behind(engine):
     with pytest.raises(ValueError, match="maximum context length is 512"):
         await engine.add_request("big", "hello", SamplingParams(max_tokens=10_000))
-    stream = await engine.add_request("dup", "hello", SamplingParams(max_tokens=3))
+    # Long enough that the first "dup" is still running when the second arrives (an engine in
+    # its own process finishes a 3-token request before the next add_request is awaited).
+    stream = await engine.add_request(
+        "dup", "hello", SamplingParams(max_tokens=400, ignore_eos=True))
     with pytest.raises(ValueError, match="duplicate"):
         await engine.add_request("dup", "hello", SamplingParams(max_tokens=3))
+    engine.abort("dup")
     assert [o async for o in stream][-1].finished
     assert engine.num_unfinished == 0
 
