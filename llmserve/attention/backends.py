@@ -1,8 +1,9 @@
 """Attention backends: store this step's K/V into the paged cache, then attend.
 
 A backend is a function `(q, k, v, k_cache, v_cache, metadata, scale) -> out` with the shapes
-documented in `llmserve.kernels.ref`. `torch` is the CPU path (and the oracle); `triton` runs the
-Triton kernels on CUDA (or under TRITON_INTERPRET=1 for tests).
+documented in `llmserve.kernels.ref`. `torch` is the CPU path (the torch twins, with decode rows
+in the native C kernel of `llmserve.kernels.cpu_native` when it builds); `triton` runs the Triton
+kernels on CUDA (or under TRITON_INTERPRET=1 for tests).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from llmserve.attention.metadata import AttentionMetadata
-from llmserve.kernels import ref
+from llmserve.kernels import cpu_native, ref
 
 AttentionFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float],
@@ -31,8 +32,10 @@ def torch_attention(
 ) -> torch.Tensor:
     cached = meta.backend_cache.get("torch")
     if cached is None:  # first layer of the step: index arithmetic and masks, shared by all layers
+        # Decode rows go to the native C kernel when it is built and the cache is fp32.
         plan = ref.plan_paged_attention(
-            meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1]
+            meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1],
+            native=k_cache.dtype == torch.float32,
         )
         cached = meta.backend_cache["torch"] = (ref.prepare_slots(meta.slot_mapping), plan)
     (slots, keep), plan = cached
@@ -43,6 +46,7 @@ def torch_attention(
 def get_attention_backend(name: str) -> AttentionFn:
     """Return the attention function for a resolved backend name ("torch" or "triton")."""
     if name == "torch":
+        cpu_native.load()  # build or find the native decode kernel now, not in the first decode
         return torch_attention
     if name == "triton":
         from llmserve.attention.triton_backend import triton_attention

@@ -10,6 +10,9 @@ Shapes used throughout:
     block_tables: [batch, max_blocks] int, block ids of each sequence (padding entries unused)
 The query rows of sequence b sit at positions seq_lens[b] - q_len_b ... seq_lens[b] - 1 and
 attend causally to every cached token at or before their position.
+
+`paged_attention(..., native=True)` (what the engine's torch backend asks for) sends fp32 decode
+rows on CPU to the C kernel of `cpu_native` when it builds; the default stays pure torch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmserve.kernels import cpu_native
 
 
 def store_kvcache(
@@ -76,10 +81,21 @@ class AttentionPlan:
     """Everything about a step's attention that does not depend on the layer.
 
     Built once per step (index arithmetic, masks, gather ids) and reused by every layer, so a
-    layer only gathers its blocks and runs attention.
+    layer only gathers its blocks and runs attention. With `native`, the decode rows are not in
+    `groups`: the C kernel of `cpu_native` reads them from the paged cache in place.
     """
 
     groups: list[_Group]
+    block_size: int
+    native: cpu_native.DecodeBatch | None = None
+
+    def use_torch_for_decode(self) -> None:
+        """Turn the native decode rows into a torch group, for a layer whose tensors the kernel
+        does not take (the whole step then stays on torch)."""
+        if self.native is not None:
+            batch, self.native = self.native, None
+            self.groups.insert(0, _decode_group(
+                batch.rows, batch.block_tables, batch.seq_lens, self.block_size))
 
 
 def plan_paged_attention(
@@ -87,23 +103,26 @@ def plan_paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     block_size: int,
+    native: bool = False,
 ) -> AttentionPlan:
-    """Split a flat batch into decode rows (batched together) and multi-token sequences (padded)."""
+    """Split a flat batch into decode rows (batched together) and multi-token sequences (padded).
+
+    `native` asks for the decode rows to go to the C kernel (`cpu_native`) when it is loaded and
+    the batch is on CPU; the default is the pure-torch path, the test oracle.
+    """
     device = seq_lens.device
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     is_decode = q_lens == 1
-    groups = []
+    plan = AttentionPlan([], block_size)
     decode_idx = torch.nonzero(is_decode).flatten()
     extend_idx = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
     if decode_idx.numel():
-        lens = seq_lens[decode_idx]
-        max_kv = int(lens.max())
-        mask = (torch.arange(max_kv, device=device)[None, :] < lens[:, None])[:, None, :]
-        groups.append(_Group(
-            token_rows=query_start_loc[:-1][decode_idx].long(), pad_index=None,
-            block_ids=_block_ids(block_tables[decode_idx], max_kv, block_size),
-            num_seqs=len(decode_idx), max_q=1, max_kv=max_kv, mask=mask,
-        ))
+        rows = query_start_loc[:-1][decode_idx].long()
+        tables, lens = block_tables[decode_idx], seq_lens[decode_idx]
+        if native and device.type == "cpu" and cpu_native.load() is not None:
+            plan.native = cpu_native.DecodeBatch.build(tables, lens, rows)
+        else:
+            plan.groups.append(_decode_group(rows, tables, lens, block_size))
     if extend_idx.numel():
         lens, qlens = seq_lens[extend_idx], q_lens[extend_idx]
         max_q, max_kv = int(qlens.max()), int(lens.max())
@@ -112,14 +131,26 @@ def plan_paged_attention(
             torch.cumsum(qlens, 0) - qlens, qlens
         )
         q_pos = (lens - qlens)[:, None] + torch.arange(max_q, device=device)[None, :]
-        groups.append(_Group(
+        plan.groups.append(_Group(
             token_rows=(query_start_loc[:-1][extend_idx][seq_of_row] + offset).long(),
             pad_index=(seq_of_row, offset),
             block_ids=_block_ids(block_tables[extend_idx], max_kv, block_size),
             num_seqs=len(extend_idx), max_q=max_q, max_kv=max_kv,
             mask=torch.arange(max_kv, device=device)[None, None, :] <= q_pos[:, :, None],
         ))
-    return AttentionPlan(groups)
+    return plan
+
+
+def _decode_group(
+    rows: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, block_size: int
+) -> _Group:
+    """Decode rows (one query each) as one torch group: gather ids and a padding mask."""
+    max_kv = int(lens.max())
+    mask = (torch.arange(max_kv, device=lens.device)[None, :] < lens[:, None])[:, None, :]
+    return _Group(
+        token_rows=rows, pad_index=None, block_ids=_block_ids(block_tables, max_kv, block_size),
+        num_seqs=len(rows), max_q=1, max_kv=max_kv, mask=mask,
+    )
 
 
 def _block_ids(block_tables: torch.Tensor, max_kv: int, block_size: int) -> torch.Tensor:
@@ -159,13 +190,31 @@ def paged_attention_planned(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
 ) -> torch.Tensor:
     """`paged_attention` with the layer-independent work already done by `plan_paged_attention`."""
+    if plan.native is not None:
+        if cpu_native.accepts(q, k_cache, v_cache):
+            # Decode rows straight from the paged cache; the kernel writes their output rows.
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+            cpu_native.paged_decode(out, q, k_cache, v_cache, plan.native, scale)
+            return _attend_groups(out, q, k_cache, v_cache, plan.groups, scale)
+        plan.use_torch_for_decode()
     if len(plan.groups) == 1 and plan.groups[0].pad_index is None and plan.groups[0].num_seqs == q.shape[0]:
         # Every row is a decode, in order (the common step): no scatter into an output buffer.
         group = plan.groups[0]
         return _attend(q[:, None], _gather_kv(k_cache, group), _gather_kv(v_cache, group),
                        group.mask, scale)[:, 0]
-    out = torch.empty_like(q)
-    for group in plan.groups:
+    return _attend_groups(torch.empty_like(q), q, k_cache, v_cache, plan.groups, scale)
+
+
+def _attend_groups(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[_Group],
+    scale: float,
+) -> torch.Tensor:
+    """Write each group's attention into its rows of `out`."""
+    for group in groups:
         k = _gather_kv(k_cache, group)
         v = _gather_kv(v_cache, group)
         if group.pad_index is None:  # decode rows: one query each
@@ -186,13 +235,18 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    native: bool = False,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of query rows over paged KV (prefill, extend and decode).
 
     Decode rows (one query) are batched together; sequences with several query rows are padded
     to the longest of them. Both groups are one vectorised call, never a loop over tokens.
+    `native` sends the decode rows to the C kernel when it can take them (see
+    `plan_paged_attention`).
     """
-    plan = plan_paged_attention(query_start_loc, seq_lens, block_tables, k_cache.shape[1])
+    plan = plan_paged_attention(
+        query_start_loc, seq_lens, block_tables, k_cache.shape[1], native=native
+    )
     return paged_attention_planned(q, k_cache, v_cache, plan, scale)
 
 

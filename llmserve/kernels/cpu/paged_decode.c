@@ -1,0 +1,260 @@
+/* Paged decode attention on CPU, fp32: one query row per sequence, K and V read in place from
+ * the paged cache through the block table (no gather into padded tensors), online softmax.
+ *
+ * Layouts are those of llmserve/kernels/ref.py:
+ *   q:       row r, head j at q + r * q_row_stride + j * q_head_stride (head_dim contiguous)
+ *   caches:  [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+ *   table:   [num_seqs, table_width] int32 or int64 (table_elem_size 4 or 8), contiguous
+ *   out:     [*, num_heads, head_dim] contiguous; sequence i writes row rows[i]
+ * Query head j uses KV head j / group (as SDPA's enable_gqa), so each KV head's rows are read
+ * once for all the query heads of its group.
+ *
+ * Built by llmserve/kernels/cpu_native.py with -O3 -march=native -ffp-contract=fast
+ * -fopenmp-simd and no -ffast-math: sums are reordered only where written so here (the vector
+ * dot products, the `omp simd` reduction), and a * b + c may become one fused multiply-add.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Tokens scored before each softmax update: one max, one expf and one rescale of the
+ * accumulators per tile instead of per token. A tile spans several blocks. */
+#define TILE 64
+
+/* 8-float vectors (GCC/Clang vector extensions): AVX on x86, two NEON registers on arm64.
+ * Written out rather than left to the auto-vectoriser, which reduces a dot product lane by lane
+ * and keeps reloading the accumulator; head_dim % 8 leftovers take a scalar tail. */
+#define VL 8
+typedef float vec __attribute__((vector_size(VL * sizeof(float))));
+#define NACC 8 /* accumulator vectors kept in registers */
+
+static inline vec vload(const float *p)
+{
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t ivec __attribute__((vector_size(VL * sizeof(int32_t))));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (ivec){__VA_ARGS__})
+#endif
+
+/* Dot products of a query with `rows` (at most VL) consecutive K rows, lane j for row j. Each
+ * row's products are summed in a vector; the VL vectors are then transposed and added together
+ * in a three-level shuffle tree (unpack, 64-bit unpack, 128-bit halves; written for VL = 8),
+ * which costs less than one horizontal sum per row. */
+static inline __attribute__((always_inline)) vec
+dot_rows(const float *q, const float *k, int64_t stride, int64_t rows, int64_t D, int64_t DV)
+{
+    vec p[VL];
+    float tail[VL] = {0};
+    for (int64_t j = 0; j < VL; j++) {
+        p[j] = (vec){0};
+        if (j >= rows)
+            continue; /* past the tile: never read, it may be past the cache */
+        const float *kr = k + j * stride;
+        for (int64_t d = 0; d < DV; d += VL)
+            p[j] += vload(q + d) * vload(kr + d);
+        for (int64_t d = DV; d < D; d++)
+            tail[j] += q[d] * kr[d];
+    }
+    vec a[VL / 2], b[VL / 4];
+    for (int j = 0; j < VL / 2; j++)
+        a[j] = SHUFFLE(p[2 * j], p[2 * j + 1], 0, 8, 1, 9, 4, 12, 5, 13) +
+               SHUFFLE(p[2 * j], p[2 * j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    for (int j = 0; j < VL / 4; j++)
+        b[j] = SHUFFLE(a[2 * j], a[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               SHUFFLE(a[2 * j], a[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           SHUFFLE(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15) + vload(tail);
+}
+
+/* exp(x) for the x <= 0 of softmax (a score minus the running max), inlined so the loop over a
+ * tile vectorises (the libm call was ~40% of the time). Cody-Waite reduction x = n ln2 + r with
+ * |r| <= ln2/2 and the Cephes expf polynomial: within 2 ulp of expf; x below -87 is taken as -87
+ * (e^-87 ~ 1.6e-38, nothing next to the tile's own maximum term of 1); NaN stays NaN. */
+static inline float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    /* Adding 1.5 * 2^23 rounds x/ln2 to an integer n, which lands in the low mantissa bits. */
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;
+    const float n = shifted - 12582912.0f;
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits; /* 2^n, built from n's bits: n is in [-126, 0], or garbage for a NaN x */
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4B400000u + 127u) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline int64_t table_entry(const void *table, int64_t elem_size, int64_t i)
+{
+    return elem_size == 8 ? ((const int64_t *)table)[i] : (int64_t)((const int32_t *)table)[i];
+}
+
+/* One sequence's paged context, seen from one KV head. */
+struct context {
+    const float *k_cache, *v_cache;
+    int64_t num_blocks, block_size, num_kv_heads, kv_head;
+    const void *table;
+    int64_t table_elem_size, len;
+};
+
+/* Softmax-weighted sum of the sequence's V rows for one KV head and its G query heads.
+ * qs: [G, D] queries already multiplied by the scale; acc: [G, D] result (unnormalised);
+ * l, m: [G] softmax denominators and running maxima; s: [G, TILE + VL] scratch. Returns 0, or
+ * -2 when a block id is out of range. Inlined into one copy per common head_dim, so that loops
+ * over D have constant trip counts: they unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) int
+attend_kv_head(const struct context *c, const int64_t D, int64_t G, const float *restrict qs,
+               float *restrict acc, float *restrict l, float *restrict m, float *restrict s)
+{
+    const int64_t tok_stride = c->num_kv_heads * D; /* between consecutive tokens of a block */
+    const int64_t DV = D - D % VL;                   /* the part of a row in whole vectors */
+    for (int64_t g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        for (int64_t d = 0; d < D; d++)
+            acc[g * D + d] = 0.0f;
+    }
+    int64_t seg_base[TILE], seg_len[TILE]; /* the tile's runs of consecutive rows */
+    for (int64_t start = 0, n; start < c->len; start += n) {
+        int64_t nseg = 0;
+        for (n = 0; n < TILE && start + n < c->len; n += seg_len[nseg++]) {
+            const int64_t pos = start + n, offset = pos % c->block_size;
+            const int64_t block = table_entry(c->table, c->table_elem_size, pos / c->block_size);
+            if (block < 0 || block >= c->num_blocks)
+                return -2;
+            int64_t run = c->block_size - offset;
+            run = run < TILE - n ? run : TILE - n;
+            seg_len[nseg] = run < c->len - pos ? run : c->len - pos;
+            seg_base[nseg] = ((block * c->block_size + offset) * c->num_kv_heads + c->kv_head) * D;
+        }
+        /* Query heads one after another over the same tile, which stays in L1. */
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = qs + g * D;
+            float *sg = s + g * (TILE + VL), *ag = acc + g * D;
+            for (int64_t i = 0, t = 0; i < nseg; t += seg_len[i++])
+                for (int64_t j = 0; j < seg_len[i]; j += VL) /* may write VL - 1 past the run */
+                    vstore(sg + t + j, dot_rows(qg, c->k_cache + seg_base[i] + j * tok_stride,
+                                                tok_stride, seg_len[i] - j, D, DV));
+            float tile_max = -INFINITY;
+            for (int64_t t = 0; t < n; t++) /* fmaxf would be a libm call */
+                tile_max = sg[t] > tile_max ? sg[t] : tile_max;
+            const float m_new = tile_max > m[g] ? tile_max : m[g];
+            const float alpha = expf(m[g] - m_new); /* 0 on the first tile (m = -inf) */
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) {
+                const float e = exp_nonpositive(sg[t] - m_new);
+                sg[t] = e;
+                sum += e;
+            }
+            l[g] = l[g] * alpha + sum;
+            m[g] = m_new;
+            /* Up to NACC accumulator vectors stay in registers over the tile; wider rows take
+             * several passes, and head_dim % VL leftovers a scalar one. */
+            for (int64_t d0 = 0; d0 < DV; d0 += NACC * VL) {
+                const int64_t nv = (DV - d0) / VL < NACC ? (DV - d0) / VL : NACC;
+                vec a[NACC];
+                for (int64_t k = 0; k < nv; k++)
+                    a[k] = vload(ag + d0 + k * VL) * alpha;
+                for (int64_t i = 0, t = 0; i < nseg; t += seg_len[i++]) {
+                    const float *vr = c->v_cache + seg_base[i] + d0;
+                    for (int64_t j = 0; j < seg_len[i]; j++)
+                        for (int64_t k = 0; k < nv; k++)
+                            a[k] += sg[t + j] * vload(vr + j * tok_stride + k * VL);
+                }
+                for (int64_t k = 0; k < nv; k++)
+                    vstore(ag + d0 + k * VL, a[k]);
+            }
+            for (int64_t d = DV; d < D; d++) {
+                float a = ag[d] * alpha;
+                for (int64_t i = 0, t = 0; i < nseg; t += seg_len[i++])
+                    for (int64_t j = 0; j < seg_len[i]; j++)
+                        a += sg[t + j] * c->v_cache[seg_base[i] + j * tok_stride + d];
+                ag[d] = a;
+            }
+        }
+    }
+    return 0;
+}
+
+#define ATTEND_FIXED_D(DIM)                                                                   \
+    static int attend_d##DIM(const struct context *c, int64_t G, const float *qs, float *acc, \
+                             float *l, float *m, float *s)                                    \
+    {                                                                                         \
+        return attend_kv_head(c, DIM, G, qs, acc, l, m, s);                                   \
+    }
+ATTEND_FIXED_D(32)
+ATTEND_FIXED_D(64)
+ATTEND_FIXED_D(128)
+
+static int attend_any_d(const struct context *c, int64_t D, int64_t G, const float *qs,
+                        float *acc, float *l, float *m, float *s)
+{
+    switch (D) {
+    case 32:
+        return attend_d32(c, G, qs, acc, l, m, s);
+    case 64:
+        return attend_d64(c, G, qs, acc, l, m, s);
+    case 128:
+        return attend_d128(c, G, qs, acc, l, m, s);
+    default:
+        return attend_kv_head(c, D, G, qs, acc, l, m, s);
+    }
+}
+
+/* Returns 0, -1 (a seq_len below 1 or beyond its table row), -2 (a block id out of range) or
+ * -3 (out of memory). */
+int llmserve_paged_decode_f32(float *out, const float *q, int64_t q_row_stride,
+                              int64_t q_head_stride, const float *k_cache, const float *v_cache,
+                              int64_t num_blocks, int64_t block_size, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, float scale,
+                              const void *block_tables, int64_t table_elem_size,
+                              int64_t table_width, const int64_t *seq_lens, const int64_t *rows,
+                              int64_t num_seqs)
+{
+    const int64_t G = num_heads / num_kv_heads, D = head_dim;
+    float *buf = malloc(sizeof(float) * (size_t)(G * (2 * D + TILE + VL + 2)));
+    if (buf == NULL)
+        return -3;
+    float *qs = buf, *acc = qs + G * D, *l = acc + G * D, *m = l + G, *s = m + G;
+    int status = 0;
+    for (int64_t i = 0; i < num_seqs && status == 0; i++) {
+        struct context c = {k_cache, v_cache, num_blocks, block_size, num_kv_heads, 0,
+                            (const char *)block_tables + i * table_width * table_elem_size,
+                            table_elem_size, seq_lens[i]};
+        if (c.len < 1 || (c.len + block_size - 1) / block_size > table_width) {
+            status = -1;
+            break;
+        }
+        for (c.kv_head = 0; c.kv_head < num_kv_heads && status == 0; c.kv_head++) {
+            const float *qr = q + rows[i] * q_row_stride + c.kv_head * G * q_head_stride;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < D; d++)
+                    qs[g * D + d] = qr[g * q_head_stride + d] * scale;
+            status = attend_any_d(&c, D, G, qs, acc, l, m, s);
+            float *o = out + (rows[i] * num_heads + c.kv_head * G) * D;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < D; d++)
+                    o[g * D + d] = acc[g * D + d] / l[g];
+        }
+    }
+    free(buf);
+    return status;
+}

@@ -1,0 +1,205 @@
+"""Native CPU decode attention: `cpu/paged_decode.c`, compiled at first use, called via ctypes.
+
+One `cc` call and no torch headers, ninja or pybind, so the first build takes a second or less.
+The library is cached per user under `$LLMSERVE_CACHE/native` (default
+`~/.cache/llmserve/native`), named by a hash of the source, flags, compiler and CPU (it is built
+with -march=native), and written under a temporary name then renamed, so processes building at
+once never load a half-written file. Whenever it cannot be used (LLMSERVE_NATIVE_KERNELS=0, no
+compiler, a failed build, another OS) `load()` returns None, says why once in the log, and
+callers stay on the pure-torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu") / "paged_decode.c"
+ENV_SWITCH = "LLMSERVE_NATIVE_KERNELS"
+# -fopenmp-simd honours the `omp simd` pragma without linking an OpenMP runtime; no -ffast-math,
+# so sums are reordered only where the source says so. -march=native is safe because the library
+# is built where it runs (the CPU is in the cache key); compilers that reject it get the second set.
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast", "-fopenmp-simd")
+FLAG_SETS = (FLAGS + ("-march=native",), FLAGS)
+_SYMBOL = "llmserve_paged_decode_f32"
+_ERRORS = {
+    -1: "a decode sequence length is below 1 or longer than its block table row",
+    -2: "a block table entry is outside the KV cache",
+    -3: "out of memory",
+}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+# (out, q, q row/head strides, k, v, num_blocks, block_size, heads, kv heads, head_dim, scale)
+# per layer, then (table, its element size and width, seq_lens, rows, num_seqs) per step.
+_ARGTYPES = [_P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I, _I, _P, _P, _I]
+
+
+class NativeUnavailable(RuntimeError):
+    """The native library cannot be built or loaded here (the torch path is used instead)."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LLMSERVE_CACHE") or Path.home() / ".cache/llmserve"
+    return Path(base) / "native"
+
+
+def find_compiler() -> str | None:
+    """Python's configured C compiler if it exists here (CC may carry flags), else `cc`."""
+    for name in (sysconfig.get_config_var("CC") or "", "cc"):
+        exe = shutil.which(name.split()[0]) if name.strip() else None
+        if exe:
+            return exe
+    return None
+
+
+def _machine_id() -> str:
+    """The CPU the library is tuned for: -march=native output may not run on another one."""
+    ident = [platform.system(), platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += sorted({ln for ln in f if ln.startswith(("model name", "flags"))})
+    except OSError:
+        pass
+    return "\n".join(ident)
+
+
+def build(directory: Path | None = None) -> Path:
+    """Path of the compiled library, compiling it first unless a build for this source, compiler,
+    flags and CPU is cached. Raises NativeUnavailable."""
+    cc = find_compiler()
+    if cc is None:
+        raise NativeUnavailable("no C compiler found (looked for sysconfig CC and cc)")
+    directory = directory or cache_dir()
+    real = os.path.realpath(cc)
+    stat = os.stat(real)
+    ident = (SOURCE.read_bytes(), real, stat.st_size, stat.st_mtime_ns, _machine_id())
+    targets = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(repr((ident, flags)).encode()).hexdigest()[:20]
+        targets.append((flags, directory / f"paged_decode-{key}.so"))
+    for _, target in targets:
+        if target.exists():
+            return target
+    errors = []
+    for flags, target in targets:
+        try:
+            _compile(cc, flags, target)
+            return target
+        except NativeUnavailable as exc:
+            errors.append(str(exc))
+    raise NativeUnavailable("; ".join(errors))
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile to a temporary name and rename: concurrent builders never expose a partial file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode:
+            raise NativeUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic; a concurrent builder's identical file may be replaced
+        logger.info("built native CPU attention kernel %s", target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load() -> Any | None:
+    """The ctypes function of the native decode kernel, or None (reason logged once).
+
+    Cached for the process; tests call `load.cache_clear()` after changing the environment.
+    """
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        logger.info("native CPU attention disabled by %s; using the torch path", ENV_SWITCH)
+        return None
+    if sys.platform not in ("linux", "darwin"):
+        logger.info("native CPU attention is built on Linux and macOS only; using the torch path")
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(str(build())), _SYMBOL)
+    except Exception as exc:  # any failure here must leave the engine on the torch path
+        logger.warning("native CPU attention unavailable, using the torch path: %s", exc)
+        return None
+    fn.argtypes = _ARGTYPES
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@dataclass
+class DecodeBatch:
+    """Decode rows of one step as the kernel reads them: prepared once, used by every layer."""
+
+    block_tables: torch.Tensor  # [n, width] int32 or int64, contiguous
+    seq_lens: torch.Tensor  # [n] int64
+    rows: torch.Tensor  # [n] int64: the row of q (and of the output) of each sequence
+    fn: Any  # the loaded kernel
+    step_args: tuple[int, ...]  # its per-step arguments (pointers into the tensors above)
+
+    @classmethod
+    def build(
+        cls, block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor
+    ) -> DecodeBatch:
+        """Needs `load()` to have succeeded."""
+        if block_tables.dtype not in (torch.int32, torch.int64):
+            block_tables = block_tables.long()
+        tables = block_tables.contiguous()
+        lens, rows = seq_lens.long().contiguous(), rows.long().contiguous()
+        args = (tables.data_ptr(), tables.element_size(), tables.shape[1], lens.data_ptr(),
+                rows.data_ptr(), rows.numel())
+        return cls(tables, lens, rows, load(), args)
+
+
+def accepts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: fp32 on CPU, contiguous caches, unit-stride heads.
+    (Checked per layer, so written with the cheapest tensor attributes.)"""
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
+        return False
+    if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
+        return False
+    qs, ks = q.shape, k_cache.shape
+    return (
+        len(qs) == 3 and len(ks) == 4 and ks == v_cache.shape and ks[2] > 0
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and q.stride(2) == 1 and qs[2] == ks[3] and qs[1] % ks[2] == 0
+    )
+
+
+def paged_decode(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: DecodeBatch,
+    scale: float,
+) -> None:
+    """Fill `out[batch.rows]` (contiguous, shaped as q) with each decode row's attention over its
+    cached context. The caller checks `accepts(q, k_cache, v_cache)` first."""
+    nb, bs, kvh, hd = k_cache.shape
+    row_stride, head_stride, _ = q.stride()
+    status = batch.fn(
+        out.data_ptr(), q.data_ptr(), row_stride, head_stride, k_cache.data_ptr(),
+        v_cache.data_ptr(), nb, bs, q.shape[1], kvh, hd, scale, *batch.step_args,
+    )
+    if status:
+        raise IndexError(f"native paged decode: {_ERRORS.get(status, status)}")
