@@ -6,7 +6,7 @@ import copy
 import pickle
 
 from llmserve.engine.output_wire import OutputDecoder, OutputEncoder
-from llmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from llmserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 def _out(rid, texts, tokens, finished=False, logprobs=None):
@@ -14,7 +14,9 @@ def _out(rid, texts, tokens, finished=False, logprobs=None):
                                 copy.deepcopy(logprobs[i]) if logprobs else None,
                                 "length" if finished else None)
                for i, (t, ids) in enumerate(zip(texts, tokens))]
-    return RequestOutput(rid, "prompt", [1, 2, 3], outputs, finished, num_cached_tokens=2)
+    metrics = RequestMetrics(10.0, 10.5, 11.0, 10.0 + len(tokens[0]), 20.0 if finished else None)
+    return RequestOutput(rid, "prompt", [1, 2, 3], outputs, finished, num_cached_tokens=2,
+                         metrics=metrics)
 
 
 def _roundtrip(encoder, decoder, outs):
@@ -29,8 +31,8 @@ def test_growing_outputs_round_trip_and_send_only_the_new_part():
     lp2 = [lp[0] + [{7: Logprob(-0.3, 1, "c")}], lp[1] + [{8: Logprob(-0.4, 2, "d")}]]
     second = _out("r", ["ac", "bd"], [[5, 7], [6, 8]], logprobs=lp2)
     wire = enc.encode([second])
-    (_, _, prompt_ids, _, _, _, _, _, _, comps), = wire
-    assert prompt_ids is None  # sent once
+    (_, prompt, _, _, _, _, _, _, comps), = wire
+    assert prompt is None  # sent once, with the first message
     assert comps[0][1:5] == (1, "c", 1, [7]) and comps[0][5] == 1
     assert dec.decode(wire) == [second]
 
@@ -54,3 +56,9 @@ def test_decoded_outputs_are_not_mutated_by_later_steps():
     (early,) = _roundtrip(enc, dec, [_out("r", ["a"], [[1]])])
     _roundtrip(enc, dec, [_out("r", ["ab"], [[1, 2]])])
     assert early.outputs[0].token_ids == [1] and early.outputs[0].text == "a"
+
+
+def test_outputs_without_metrics_round_trip():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    out = RequestOutput("m", None, [4], [CompletionOutput(0, "", [], None, None, None)], False)
+    assert _roundtrip(enc, dec, [out]) == [out]
