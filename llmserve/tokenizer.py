@@ -355,7 +355,10 @@ class IncrementalDetokenizer:
             return ""
         # The window normally extends the context's text; if a decoder rewrote the context
         # (spacing clean-up), take what follows the part both agree on.
-        delta = new_text[len(os.path.commonprefix([prefix_text, new_text])):]
+        if new_text.startswith(prefix_text):  # the usual case, without commonprefix's Python loop
+            delta = new_text[len(prefix_text):]
+        else:
+            delta = new_text[len(os.path.commonprefix([prefix_text, new_text])):]
         self._prefix, self._read = self._read, len(self._ids)
         if delta:
             self._parts.append(delta)

@@ -35,7 +35,7 @@ def torch_attention(
         # Decode rows go to the native C kernel when it is built and the cache is fp32.
         plan = ref.plan_paged_attention(
             meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1],
-            native=k_cache.dtype == torch.float32,
+            native=k_cache.dtype == torch.float32, num_decodes=meta.num_decode_tokens,
         )
         cached = meta.backend_cache["torch"] = (ref.prepare_slots(meta.slot_mapping), plan)
     (slots, keep), plan = cached

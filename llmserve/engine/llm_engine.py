@@ -124,8 +124,14 @@ class LLMEngine:
         return prompt_ids
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        text = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
+                # With both keys the caller tokenized the text (a server does it off the engine's
+                # process); the text is kept for the output, the ids are checked as usual.
+                text = prompt.get("prompt")
+                if text is not None and (not isinstance(text, str) or not text):
+                    raise ValueError("prompt must not be empty")
                 prompt = prompt["prompt_token_ids"]
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
@@ -141,7 +147,7 @@ class LLMEngine:
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        return None, list(prompt)
+        return text, list(prompt)
 
     def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
         limit = self.max_model_len

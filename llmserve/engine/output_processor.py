@@ -38,7 +38,10 @@ class _Completion:
         stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
         if stopped_by_token:
             new_tokens = new_tokens[:-1]  # an EOS / stop token adds no text
-        added = "".join(self.detok.add(t) for t in new_tokens)
+        if len(new_tokens) == 1:  # a decode step: no generator and join for one token
+            added = self.detok.add(new_tokens[0])
+        else:
+            added = "".join(self.detok.add(t) for t in new_tokens)
         if request.is_finished:
             added += self.detok.flush()  # a trailing partial character shows as U+FFFD
         self.text += added

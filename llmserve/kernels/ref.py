@@ -104,13 +104,22 @@ def plan_paged_attention(
     block_tables: torch.Tensor,
     block_size: int,
     native: bool = False,
+    num_decodes: int | None = None,
 ) -> AttentionPlan:
     """Split a flat batch into decode rows (batched together) and multi-token sequences (padded).
 
     `native` asks for the decode rows to go to the C kernel (`cpu_native`) when it is loaded and
-    the batch is on CPU; the default is the pure-torch path, the test oracle.
+    the batch is on CPU; the default is the pure-torch path, the test oracle. `num_decodes`, when
+    the caller knows it, is how many leading sequences are single-token decodes.
     """
     device = seq_lens.device
+    use_native = native and device.type == "cpu" and cpu_native.load() is not None
+    if use_native and num_decodes == len(seq_lens):
+        # Every sequence is a decode (the common step): its tensors are the whole batch's, with
+        # none of the index arithmetic below.
+        plan = AttentionPlan([], block_size)
+        plan.native = cpu_native.DecodeBatch.build(block_tables, seq_lens, query_start_loc[:-1])
+        return plan
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     is_decode = q_lens == 1
     plan = AttentionPlan([], block_size)
@@ -119,7 +128,7 @@ def plan_paged_attention(
     if decode_idx.numel():
         rows = query_start_loc[:-1][decode_idx].long()
         tables, lens = block_tables[decode_idx], seq_lens[decode_idx]
-        if native and device.type == "cpu" and cpu_native.load() is not None:
+        if use_native:
             plan.native = cpu_native.DecodeBatch.build(tables, lens, rows)
         else:
             plan.groups.append(_decode_group(rows, tables, lens, block_size))

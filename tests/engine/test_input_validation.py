@@ -39,6 +39,20 @@ def test_empty_prompt_is_rejected(llm):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
 
 
+def test_pre_tokenized_text_keeps_its_text_and_its_ids_are_still_checked(llm):
+    ids = llm.engine.tokenizer.encode("hello world")
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    (out,) = llm.generate({"prompt": "hello world", "prompt_token_ids": ids}, params,
+                          use_tqdm=False)
+    (plain,) = llm.generate("hello world", params, use_tqdm=False)
+    assert out.prompt == "hello world" and out.prompt_token_ids == ids
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        llm.generate({"prompt": "", "prompt_token_ids": ids}, use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate({"prompt": "x", "prompt_token_ids": [-1]}, use_tqdm=False)
+
+
 def test_prompt_plus_max_tokens_over_context_names_the_limit(llm):
     with pytest.raises(ValueError, match="maximum context length is 256 tokens"):
         llm.generate({"prompt_token_ids": [5] * 200}, SamplingParams(max_tokens=100), use_tqdm=False)

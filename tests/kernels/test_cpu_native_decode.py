@@ -111,6 +111,21 @@ def test_torch_backend_uses_the_kernel(native, paged_batch):
     _close(out, _both(batch)[1])
 
 
+def test_all_decode_step_skips_the_index_arithmetic_and_matches_torch(native, paged_batch):
+    batch = paged_batch([1, 1, 1, 1], [30, 1, 200, 17], 2, 2, 32, 16, F32)
+    n = batch.q.shape[0]
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((n,), -1, dtype=torch.int64), query_start_loc=batch.query_start_loc,
+        seq_lens=batch.seq_lens, block_tables=batch.block_tables, max_query_len=1, max_seq_len=200,
+        num_decode_tokens=n,
+    )
+    new_kv = torch.zeros(n, 2, 32)
+    out = torch_attention(batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, meta, batch.scale)
+    plan = meta.backend_cache["torch"][1]
+    assert plan.native is not None and not plan.groups
+    _close(out, _both(batch)[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_other_dtypes_stay_on_torch(native, paged_batch, dtype):
     batch = paged_batch([1, 1, 2], [20, 40, 9], 2, 2, 32, 16, dtype)

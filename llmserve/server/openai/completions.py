@@ -74,7 +74,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     reply = _Reply(new_id("cmpl"), int(time.time()), model, body.n, body.logprobs,
                    bool(body.stream_options and body.stream_options.include_usage), echo,
                    tokenizer)
-    engine_prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompts]
+    # Text is tokenized here, in the server's process, so the engine's step loop does not pay for
+    # it (the engine still checks the ids).
+    engine_prompts = [{"prompt": p, "prompt_token_ids": tokenizer.encode(p)} if isinstance(p, str)
+                      else {"prompt_token_ids": p} for p in prompts]
     streams = await submit_all(ctx, request, reply.id, engine_prompts, params, body,
                                "completions")
     if body.stream:
