@@ -270,8 +270,13 @@ def rms_norm(
     With a residual, the input is `x + residual`; the sum is returned as the new residual.
     Computed in float32 and cast back, as Hugging Face's Llama does.
     """
+    if x.dtype == weight.dtype == torch.float32:
+        # One fused op instead of six small ones (the CPU engine runs this twice per layer per
+        # step); bitwise equal to the formula below in float32 (checked on the pinned torch).
+        h = x if residual is None else x + residual
+        return F.rms_norm(h, (h.shape[-1],), weight, eps), (None if residual is None else h)
     # Casts only where the dtype changes: on CPU even a no-op cast costs as much as a small
-    # kernel, and the engine runs this twice per layer per step.
+    # kernel.
     orig_dtype = x.dtype
     h = _as(x, torch.float32)
     if residual is not None:
