@@ -215,7 +215,11 @@ class MultiprocessAsyncEngine(AsyncEngine):
             self._applying = len(self._unacked)
         for kind, pending, payload in answered:
             if kind == "added":
-                self._loops[pending.stream.request_id] = pending.stream.loop
+                rid = pending.stream.request_id
+                if not pending.params.stop:  # the core sends no text for these: build it here
+                    self._decoder.detokenize(rid, payload, self.engine.tokenizer,
+                                             pending.params.skip_special_tokens)
+                self._loops[rid] = pending.stream.loop
                 _call_soon(pending.stream.loop, self._accepted, pending, payload)
             else:
                 _call_soon(pending.stream.loop, self._rejected, pending, payload)

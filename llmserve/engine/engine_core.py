@@ -61,6 +61,9 @@ def run_engine_core(engine_kwargs: dict[str, Any], cpu_threads: int | None,
         from llmserve.engine.llm_engine import LLMEngine
 
         engine = LLMEngine.from_args(**engine_kwargs)
+        # Detokenizing is the frontend's job for requests without stop strings (see
+        # OutputDecoder.detokenize): it keeps the step loop shorter.
+        engine.outputs.text_only_for_stop_strings = True
     except BaseException as exc:  # noqa: BLE001 - reported to the frontend, which raises it
         messages.send(("failed", portable_error(exc)))
         return

@@ -16,12 +16,14 @@ from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 class _Completion:
     """Text state of one child request."""
 
-    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
+    def __init__(self, tokenizer: Tokenizer, request: Request, with_text: bool = True) -> None:
         params = request.sampling_params
         self.request = request
+        # Without text (see OutputProcessor.text_only_for_stop_strings) the tokens are only
+        # counted: whoever reads the outputs detokenizes them.
         self.detok = IncrementalDetokenizer(
             tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
-        )
+        ) if with_text else None
         self.text = ""
         self.stops = params.stop
         self.hold_back = max((len(s) for s in self.stops), default=1) - 1
@@ -33,7 +35,7 @@ class _Completion:
         params = request.sampling_params
         new_tokens = request.output_token_ids[self.num_processed :]
         self.num_processed = request.num_output_tokens
-        if not new_tokens:
+        if not new_tokens or self.detok is None:
             return False
         stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
         if stopped_by_token:
@@ -97,9 +99,14 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.groups: dict[str, _Group] = {}
         self.by_child: dict[str, _Completion] = {}
+        # Set by the engine-core process: text only for requests with stop strings (which need
+        # it to stop); the others' outputs carry tokens and an empty text, and the frontend
+        # detokenizes them off the step loop (`output_wire.OutputDecoder.detokenize`).
+        self.text_only_for_stop_strings = False
 
     def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
-        completions = [_Completion(self.tokenizer, r) for r in children]
+        with_text = not self.text_only_for_stop_strings or bool(children[0].sampling_params.stop)
+        completions = [_Completion(self.tokenizer, r, with_text) for r in children]
         self.groups[parent_id] = _Group(prompt, children[0].prompt_token_ids, completions)
         for c in completions:
             self.by_child[c.request.request_id] = c

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 # (index, text keep, text tail, token keep, token tail, logprobs keep, logprobs tail or None,
 #  cumulative_logprob, finish_reason, stop_reason)
@@ -80,10 +81,21 @@ class OutputEncoder:
 
 
 @dataclass
+class _TextSpec:
+    """How to detokenize a request whose text the core does not send."""
+
+    tokenizer: Tokenizer
+    prompt_token_ids: list[int]
+    skip_special_tokens: bool
+
+
+@dataclass
 class _Held:
     prompt: str | None
     prompt_token_ids: list[int]
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
+    text: _TextSpec | None = None
+    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
 
 
 class OutputDecoder:
@@ -92,9 +104,17 @@ class OutputDecoder:
 
     def __init__(self) -> None:
         self._held: dict[str, _Held] = {}
+        self._text_specs: dict[str, _TextSpec] = {}
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def detokenize(self, request_id: str, prompt_token_ids: list[int], tokenizer: Tokenizer,
+                   skip_special_tokens: bool) -> None:
+        """Build `request_id`'s text here from its tokens (the core sends none for requests
+        without stop strings), exactly as the core's OutputProcessor would. Call it before the
+        request's first output is decoded."""
+        self._text_specs[request_id] = _TextSpec(tokenizer, prompt_token_ids, skip_special_tokens)
 
     def decode(self, wire: list[WireOutput]) -> list[RequestOutput]:
         return [self._decode(w) for w in wire]
@@ -104,6 +124,7 @@ class OutputDecoder:
         held = self._held.get(request_id)
         if held is None:
             held = self._held[request_id] = _Held(*prompt) if prompt else _Held(None, [])
+            held.text = self._text_specs.pop(request_id, None)
         outputs = []
         for (index, text_keep, text_tail, tok_keep, tok_tail, lp_keep, lp_tail, cumulative,
              finish_reason, stop_reason) in completions:
@@ -117,15 +138,39 @@ class OutputDecoder:
                 logprobs = None
                 if lp_tail is not None:
                     logprobs = (prev.logprobs or [])[:lp_keep] + lp_tail
+            if held.text is not None:
+                text = self._text(held, index, prev, tok_keep, tok_tail, finish_reason)
             c = CompletionOutput(index, text, tokens, cumulative, logprobs, finish_reason,
                                  stop_reason)
             held.completions[index] = c
             outputs.append(c)
         if finished:
             del self._held[request_id]
+            self._text_specs.pop(request_id, None)
         return RequestOutput(
             request_id=request_id, prompt=held.prompt, prompt_token_ids=held.prompt_token_ids,
             outputs=outputs, finished=finished, num_cached_tokens=cached,
             metrics=RequestMetrics(*metrics) if metrics is not None else None,
             num_computed_prefill_tokens=prefill, num_computed_decode_tokens=decode, extra=extra,
         )
+
+    @staticmethod
+    def _text(held: _Held, index: int, prev: CompletionOutput | None, tok_keep: int,
+              tok_tail: list[int], finish_reason: str | None) -> str:
+        """The completion's text after this message, from its new tokens (see `detokenize`)."""
+        detok = held.detoks.get(index)
+        if detok is None or prev is None or tok_keep != len(prev.token_ids):
+            # The first tokens, or a past the core rewrote: detokenize from the prompt again.
+            spec = held.text
+            detok = held.detoks[index] = IncrementalDetokenizer(
+                spec.tokenizer, spec.prompt_token_ids, spec.skip_special_tokens)
+            text, new = "", (prev.token_ids[:tok_keep] if prev else []) + list(tok_tail)
+        else:
+            text, new = prev.text, tok_tail
+        if finish_reason == "stop" and new:
+            new = new[:-1]  # the EOS or stop token adds no text (as in the core)
+        added = "".join(detok.add(t) for t in new)
+        if finish_reason is not None:
+            added += detok.flush()  # a trailing partial character shows as U+FFFD
+        return text + added
+

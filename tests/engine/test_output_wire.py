@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import pickle
 
+import pytest
+
 from llmserve.engine.output_wire import OutputDecoder, OutputEncoder
+from llmserve.models.random_checkpoint import build_random_checkpoint
 from llmserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from llmserve.tokenizer import Tokenizer
 
 
 def _out(rid, texts, tokens, finished=False, logprobs=None):
@@ -62,3 +66,44 @@ def test_outputs_without_metrics_round_trip():
     enc, dec = OutputEncoder(), OutputDecoder()
     out = RequestOutput("m", None, [4], [CompletionOutput(0, "", [], None, None, None)], False)
     assert _roundtrip(enc, dec, [out]) == [out]
+
+
+@pytest.fixture(scope="module")
+def cl100k(tmp_path_factory) -> Tokenizer:
+    path = build_random_checkpoint(tmp_path_factory.mktemp("cl100k"), "llama", tokenizer="cl100k",
+                                   hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    return Tokenizer.from_pretrained(path)
+
+
+def _tokens_only(rid, tokens, finish_reason=None):
+    """An output as the engine core sends it for a request without stop strings: no text."""
+    return RequestOutput(rid, None, [7, 8], [CompletionOutput(0, "", list(tokens), None, None,
+                                                              finish_reason)],
+                         finish_reason is not None)
+
+
+def test_frontend_builds_the_text_of_token_only_outputs(cl100k):
+    byte_token = {cl100k.token_bytes(i): i for i in range(256)}
+    e2, x82, xac = (byte_token[b] for b in (b"\xe2", b"\x82", b"\xac"))
+    ok = cl100k.encode("ok")
+    enc, dec = OutputEncoder(), OutputDecoder()
+    dec.detokenize("r", [7, 8], cl100k, skip_special_tokens=True)
+    (first,) = _roundtrip(enc, dec, [_tokens_only("r", [e2, x82])])
+    assert first.outputs[0].text == ""  # half a euro sign is held back
+    # Generation ends on a lead byte: it shows as U+FFFD, as a full decode shows it.
+    (last,) = _roundtrip(enc, dec, [_tokens_only("r", [e2, x82, xac, *ok, e2], "length")])
+    assert last.outputs[0].text == cl100k.decode([e2, x82, xac, *ok, e2]) == "€ok\ufffd"
+    assert len(dec) == 0
+
+
+def test_frontend_text_leaves_out_a_stop_token_and_survives_a_rewrite(cl100k):
+    hello, world = cl100k.encode("hello"), cl100k.encode(" world")
+    eos = cl100k.encode("<|im_end|>", add_special_tokens=True)
+    enc, dec = OutputEncoder(), OutputDecoder()
+    dec.detokenize("s", [7, 8], cl100k, skip_special_tokens=False)
+    _roundtrip(enc, dec, [_tokens_only("s", hello + world)])
+    (rewritten,) = _roundtrip(enc, dec, [_tokens_only("s", hello)])  # the past shrank
+    assert rewritten.outputs[0].text == "hello"
+    (done,) = _roundtrip(enc, dec, [_tokens_only("s", hello + world + eos, "stop")])
+    assert done.outputs[0].text == "hello world"  # the stop token adds no text

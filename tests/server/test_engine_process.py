@@ -29,6 +29,14 @@ REQUESTS = [
     ("n2", "the quick brown fox", SamplingParams(max_tokens=8, n=2, temperature=0.8, seed=7)),
     ("logprobs", "one two three", SamplingParams(max_tokens=6, temperature=0.0, logprobs=3)),
     ("stop", "a b c d", SamplingParams(max_tokens=30, temperature=1.0, seed=3, stop=["e", "o"])),
+    # Text the frontend builds from tokens (no stop strings): a stop token that adds no text,
+    # special tokens kept, characters split across tokens.
+    ("stop_token", "x y", SamplingParams(max_tokens=40, temperature=1.2, seed=11,
+                                         stop_token_ids=list(range(3, 120)))),
+    ("specials", "hi", SamplingParams(max_tokens=10, temperature=1.0, seed=2,
+                                      skip_special_tokens=False)),
+    ("unicode", "naïve café 東京 😀", SamplingParams(max_tokens=16, temperature=1.0, seed=4)),
+    ("n2_text", "we", SamplingParams(max_tokens=9, n=2, temperature=1.0, seed=9)),
 ]
 
 
@@ -61,6 +69,7 @@ async def test_outputs_match_the_in_process_engine(checkpoint, engine):
     finally:
         await asyncio.to_thread(threaded.shutdown)
     got = await _run_all(engine)
+    assert got["stop_token"][-1].outputs[0].finish_reason == "stop"
     for rid, _, _ in REQUESTS:
         # Outputs are cumulative: the final one carries everything, and a stream may merge steps.
         assert _view(got[rid][-1]) == _view(expected[rid][-1]), rid
