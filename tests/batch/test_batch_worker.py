@@ -69,8 +69,10 @@ async def test_interactive_request_preempts_running_batch_lines(tmp_path, model_
         async for update in stream:
             out = update
         waited = steps.count - started
-        # Without preemption it would wait ~100 steps for a batch line to finish.
-        assert out.outputs[0].finish_reason == "length" and waited <= 10, waited
+        # Without preemption it would wait ~100 steps for a batch line to finish. With it, the
+        # worker reacts within a poll interval, which faster steps fill with more of them (11 seen
+        # on a loaded CI machine), so the bound keeps a wide margin on both sides.
+        assert out.outputs[0].finish_reason == "length" and waited <= 40, waited
         assert worker.num_preempted >= 3
         await _wait(lambda: store.get_batch(batch["id"])["status"] == "completed")
     finally:
