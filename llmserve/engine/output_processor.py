@@ -13,6 +13,19 @@ from llmserve.outputs import CompletionOutput, Logprob, RequestOutput
 from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+def new_text(detok: IncrementalDetokenizer, tokens: list[int], *, stopped_by_token: bool,
+             finished: bool) -> str:
+    """The text `tokens` add to a completion. An EOS or stop token ends it and adds no text;
+    at the end, held-back bytes of a partial character come out as U+FFFD."""
+    if stopped_by_token:
+        tokens = tokens[:-1]
+    if len(tokens) == 1:  # a decode step: no generator and join for one token
+        added = detok.add(tokens[0])
+    else:
+        added = "".join(detok.add(t) for t in tokens)
+    return added + detok.flush() if finished else added
+
+
 class _Completion:
     """Text state of one child request."""
 
@@ -38,14 +51,8 @@ class _Completion:
         if not new_tokens or self.detok is None:
             return False
         stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-        if stopped_by_token:
-            new_tokens = new_tokens[:-1]  # an EOS / stop token adds no text
-        if len(new_tokens) == 1:  # a decode step: no generator and join for one token
-            added = self.detok.add(new_tokens[0])
-        else:
-            added = "".join(self.detok.add(t) for t in new_tokens)
-        if request.is_finished:
-            added += self.detok.flush()  # a trailing partial character shows as U+FFFD
+        added = new_text(self.detok, new_tokens, stopped_by_token=stopped_by_token,
+                         finished=request.is_finished)
         self.text += added
         if not self.stops or stopped_by_token or request.num_output_tokens < params.min_tokens:
             return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmserve.engine.output_processor import new_text
 from llmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -167,10 +168,7 @@ class OutputDecoder:
             text, new = "", (prev.token_ids[:tok_keep] if prev else []) + list(tok_tail)
         else:
             text, new = prev.text, tok_tail
-        if finish_reason == "stop" and new:
-            new = new[:-1]  # the EOS or stop token adds no text (as in the core)
-        added = "".join(detok.add(t) for t in new)
-        if finish_reason is not None:
-            added += detok.flush()  # a trailing partial character shows as U+FFFD
-        return text + added
+        # Without stop strings, "stop" means an EOS or stop token ended the completion.
+        return text + new_text(detok, list(new), stopped_by_token=finish_reason == "stop",
+                               finished=finish_reason is not None)
 
