@@ -54,8 +54,17 @@ class NativeUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """`$LLMSERVE_CACHE/native` (default ~/.cache/llmserve/native), or a per-user folder under the
+    temporary directory when that one cannot be created or written (a read-only home)."""
     base = os.environ.get("LLMSERVE_CACHE") or Path.home() / ".cache/llmserve"
-    return Path(base) / "native"
+    preferred = Path(base) / "native"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"llmserve-native-{os.getuid()}"
 
 
 def find_compiler() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import threading
 
@@ -214,3 +215,13 @@ def test_concurrent_builds_leave_one_complete_library(tmp_path):
     for t in threads:
         t.join()
     assert len(set(results)) == 1 and [p.name for p in tmp_path.iterdir()] == [results[0].name]
+
+
+def test_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("LLMSERVE_CACHE", str(blocked))  # its "native" child cannot be created
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert cpu_native.cache_dir() == tmp_path / "tmp" / f"llmserve-native-{os.getuid()}"
+    monkeypatch.setenv("LLMSERVE_CACHE", str(tmp_path / "ok"))
+    assert cpu_native.cache_dir() == tmp_path / "ok" / "native"
