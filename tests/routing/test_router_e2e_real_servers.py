@@ -129,13 +129,23 @@ async def test_killed_canary_replica_loses_no_request_and_is_rolled_back(servers
     async with running_router(cfg, tmp_path) as (router, url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             sem = asyncio.Semaphore(8)
+            done = 0
 
             async def one(i: int) -> httpx.Response:
+                nonlocal done
                 async with sem:
-                    return await client.post("/v1/chat/completions", json=_ask(f"k{i}", i % 3 == 0))
+                    reply = await client.post("/v1/chat/completions",
+                                              json=_ask(f"k{i}", i % 3 == 0))
+                done += 1
+                return reply
 
             jobs = [asyncio.create_task(one(i)) for i in range(80)]
-            await asyncio.sleep(0.3)
+            # Kill by progress, not after a fixed time: fast servers can answer all 80 before a
+            # timer fires, and then the canary never fails.
+            for _ in range(600):
+                if done >= 10:
+                    break
+                await asyncio.sleep(0.01)
             servers[1][0].kill()  # the canary's only replica dies mid-run
             replies = await asyncio.gather(*jobs)
             # Non-streamed requests and streams that had not started are retried elsewhere;
