@@ -147,7 +147,6 @@ class OutputDecoder:
             outputs.append(c)
         if finished:
             del self._held[request_id]
-            self._text_specs.pop(request_id, None)
         return RequestOutput(
             request_id=request_id, prompt=held.prompt, prompt_token_ids=held.prompt_token_ids,
             outputs=outputs, finished=finished, num_cached_tokens=cached,
@@ -165,10 +164,10 @@ class OutputDecoder:
             spec = held.text
             detok = held.detoks[index] = IncrementalDetokenizer(
                 spec.tokenizer, spec.prompt_token_ids, spec.skip_special_tokens)
-            text, new = "", (prev.token_ids[:tok_keep] if prev else []) + list(tok_tail)
+            text, new = "", (prev.token_ids[:tok_keep] if prev else []) + tok_tail
         else:
             text, new = prev.text, tok_tail
         # Without stop strings, "stop" means an EOS or stop token ended the completion.
-        return text + new_text(detok, list(new), stopped_by_token=finish_reason == "stop",
+        return text + new_text(detok, new, stopped_by_token=finish_reason == "stop",
                                finished=finish_reason is not None)
 
