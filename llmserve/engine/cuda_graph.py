@@ -11,14 +11,11 @@ The attention backend must not read device tensors on the host in a pure-decode 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from llmserve.attention.metadata import AttentionMetadata, forward_context
-
-if TYPE_CHECKING:
-    from llmserve.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +31,13 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """One captured graph per padded decode batch size, sharing one memory pool."""
 
-    def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
-        self.runner = runner
+    def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int,
+                 max_blocks: int, max_seq_len: int) -> None:
+        self.model = model
         self.sizes = capture_sizes(max_num_seqs)
         max_bs = self.sizes[-1]
-        device = runner.device
-        self.max_blocks = -(-runner.config.max_model_len // runner.block_size)
-        self.max_seq_len = runner.config.max_model_len
+        self.max_blocks = max_blocks
+        self.max_seq_len = max_seq_len
         self.input_ids = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.long, device=device)
@@ -64,7 +61,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        model = self.runner.model
+        model = self.model
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its pool
             meta = self._meta(bs)

@@ -2,7 +2,7 @@
 
 At tensor_parallel_size=1 the engine drives a plain ModelRunner: no process, no collective. At N > 1
 the engine's process is rank 0: it holds a shard of the model and, for each step, sends the step's
-plain-data description (`StepInput`) to ranks 1..N-1 before running its own forward. Every rank
+plain-data description (`StepArrays`) to ranks 1..N-1 before running its own forward. Every rank
 builds the same tensors from it; the collectives inside the forward keep the ranks in lock-step.
 Only rank 0 samples.
 
@@ -38,9 +38,9 @@ from llmserve.distributed.parallel_state import (
     init_tensor_parallel,
     timeout_seconds,
 )
-from llmserve.engine.model_runner import ModelRunner, StepInput
-from llmserve.engine.request import Request
-from llmserve.engine.sampler import SamplerOutput
+from llmserve.engine.input_batch import StepArrays
+from llmserve.engine.model_runner import InFlightStep, ModelRunner
+from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.engine.worker import WorkerError, WorkerGroup, run_env_worker
 
 __all__ = ["EnvExecutor", "MultiprocExecutor", "WorkerError", "create_runner"]
@@ -133,20 +133,27 @@ class TensorParallelExecutor:
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
-    def execute(
-        self, scheduled: list[tuple[Request, int]], block_ids: list[list[int]]
-    ) -> tuple[list[Request], SamplerOutput | None]:
-        """Send the step to every rank, run rank 0's forward and sample."""
+    @property
+    def batch(self):
+        return self.runner.batch
+
+    def launch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Send the step to every rank, run rank 0's forward and sample. Tensor-parallel steps
+        are synchronous (the other ranks need each step's tokens on the host): the result is
+        read here, inside the error handling."""
         if self._error is not None:
             raise self._error
         if self._closed:
             raise WorkerError("the tensor-parallel engine was shut down")
-        step = ModelRunner.describe(scheduled, block_ids)
+        if prev is not None:
+            raise RuntimeError("tensor-parallel steps cannot overlap (async scheduling is off)")
         try:
+            step = self.runner.prepare(sched)
             self._send(step)
-            result = self.runner.execute_step(step, scheduled)
+            inflight = self.runner.launch_prepared(step, sched)
+            inflight.result()
             self._check_after_step()
-            return result
+            return inflight
         except BaseException as exc:
             # Whatever happened (even Ctrl-C), the ranks may now be out of lock-step.
             if isinstance(exc, WorkerError):
@@ -170,7 +177,7 @@ class TensorParallelExecutor:
         """After a failure: stop what is left without waiting on peers that may be stuck."""
         self.shutdown()
 
-    def _send(self, step: StepInput) -> None:
+    def _send(self, step: StepArrays) -> None:
         raise NotImplementedError
 
     def _check_after_step(self) -> None:
@@ -224,7 +231,7 @@ class MultiprocExecutor(TensorParallelExecutor):
             ).start()
         logger.info("tensor parallelism: %d ranks on %s (%s)", tp, device, dist.get_backend())
 
-    def _send(self, step: StepInput) -> None:
+    def _send(self, step: StepArrays) -> None:
         self.workers.send(pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL))
 
     def _check_after_step(self) -> None:
@@ -258,7 +265,7 @@ class EnvExecutor(TensorParallelExecutor):
             raise
         logger.info("tensor parallelism: rank 0 of %d (env:// rendezvous)", world)
 
-    def _send(self, step: StepInput) -> None:
+    def _send(self, step: StepArrays) -> None:
         broadcast_object(step)
 
     def _explain(self, exc: BaseException, when: str) -> WorkerError:

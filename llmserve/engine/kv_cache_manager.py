@@ -65,10 +65,24 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVBlock] | None = None,
-    ) -> list[KVBlock] | None:
-        """Make room for `num_new_tokens` more tokens after the computed ones; None if impossible."""
+    ) -> list[int] | None:
+        """Make room for `num_new_tokens` more tokens after the computed ones.
+
+        Returns the ids of the blocks this call added to the request's table (prefix hits
+        first, then fresh blocks; empty when it already had room), or None if the pool cannot
+        hold them. The model runner mirrors the tables from these deltas.
+        """
+        held = self.req_blocks.get(request.request_id)
+        if held is not None and not new_computed_blocks:
+            # The usual decode: room in the last block and no block filled up this step.
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(held) * self.block_size and (
+                not self.enable_caching
+                or num_tokens // self.block_size <= self.num_cached_blocks.get(request.request_id, 0)
+            ):
+                return []
         new_computed_blocks = new_computed_blocks or []
-        held = self.req_blocks.get(request.request_id, [])
+        held = held or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total_needed = self.blocks_needed(num_computed + num_new_tokens)
         num_new_blocks = max(0, total_needed - len(held) - len(new_computed_blocks))
@@ -78,11 +92,12 @@ class KVCacheManager:
             return None
         self.pool.touch(new_computed_blocks)
         blocks = self.req_blocks.setdefault(request.request_id, [])
+        first_added = len(blocks)
         blocks.extend(new_computed_blocks)
         blocks.extend(self.pool.allocate(num_new_blocks))
         if self.enable_caching:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
-        return blocks
+        return [b.block_id for b in blocks[first_added:]]
 
     def free(self, request: Request) -> None:
         """Return every block the request holds (tail first, so its prefix stays cached longest)."""

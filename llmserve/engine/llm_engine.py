@@ -10,6 +10,7 @@ from pathlib import Path
 from llmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from llmserve.engine.executor import create_runner
 from llmserve.engine.kv_cache_manager import KVCacheManager
+from llmserve.engine.model_runner import InFlightStep
 from llmserve.engine.output_processor import OutputProcessor
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.scheduler import Scheduler
@@ -46,7 +47,9 @@ def build_engine_config(model: str | None = None, **kwargs) -> EngineConfig:
         SchedulerConfig: ("max_num_seqs", "max_num_batched_tokens"),
     }
     parts = {cls: {k: kwargs.pop(k) for k in keys if k in kwargs} for cls, keys in groups.items()}
-    allowed = {"attention_backend", "enforce_eager", "tokenizer", "tensor_parallel_size"}
+    allowed = {
+        "attention_backend", "enforce_eager", "tokenizer", "tensor_parallel_size", "async_scheduling",
+    }
     unknown = set(kwargs) - allowed
     if unknown:
         raise ValueError(f"unknown engine option(s): {sorted(unknown)}")
@@ -87,6 +90,8 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._aborted_outputs: list[RequestOutput] = []
         self.last_step: StepStats | None = None
+        self.async_scheduling = config.resolved_async_scheduling
+        self._inflight: InFlightStep | None = None  # launched, tokens not read yet
 
     @classmethod
     def from_args(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -184,35 +189,77 @@ class LLMEngine:
 
     # -- stepping ------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted_outputs)
+        return (self.scheduler.has_unfinished() or bool(self._aborted_outputs)
+                or self._inflight is not None)
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs of the step that completed.
+
+        Without async scheduling that is the step just launched. With it, the step launched by
+        the previous call completes here, after this call has launched the next one: on a GPU
+        the host reads tokens, applies stops and builds outputs while the device computes. A
+        stop is then seen one step late; the extra token is dropped before anyone sees it.
+        """
         outputs, self._aborted_outputs = self._aborted_outputs, []
         start = time.time()
+        work: dict[str, tuple[int, int]] = {}
+        if self._inflight is not None and self._needs_history():
+            outputs += self._complete(self._take_inflight(), work)
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        launched = None
+        if not sched.is_empty:
+            launched = self.runner.launch(sched, self._inflight)
+        elif sched.freed_ids:
+            self.runner.batch.release(sched.freed_ids)
+        if self._inflight is not None:
+            outputs += self._complete(self._take_inflight(), work)
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                outputs += self._complete(launched, work)
+        if sched.is_empty and not work:
             return outputs
-        block_ids = [self.kv.block_ids(r.request_id) for r, _ in sched.scheduled]
-        sampling, samples = self.runner.execute(sched.scheduled, block_ids)
-        sampled = {}
-        if samples is not None:
-            sampled = {r.request_id: t for r, t in zip(sampling, samples.token_ids)}
-        changed = self.scheduler.update_from_output(sched, sampled)
+        self.last_step = StepStats(start, time.time(), work)
+        return outputs
+
+    def _take_inflight(self) -> InFlightStep:
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def _needs_history(self) -> bool:
+        """Whether a running request samples from its full output history (penalties,
+        min_tokens): then the step in flight is read before the next one is scheduled."""
+        return any(r.num_output_placeholders and r.samples_from_history
+                   for r in self.scheduler.running)
+
+    def _complete(self, inflight: InFlightStep, work: dict[str, tuple[int, int]]
+                  ) -> list[RequestOutput]:
+        """Read a launched step's tokens; append them, apply stops, build outputs."""
+        samples = inflight.result()
+        sampling = inflight.sampling
+        sampled = dict(zip((r.request_id for r in sampling), samples.token_ids)) if samples else {}
+        changed = self.scheduler.update_from_output(inflight.sched, sampled)
+        for parent, (p, d) in inflight.sched.work.items():
+            wp, wd = work.get(parent, (0, 0))
+            work[parent] = (wp + p, wd + d)
         now = time.time()
-        for i, request in enumerate(sampling):
-            if samples.logprobs[i] is not None:
-                self.outputs.record_logprobs(request, samples.logprobs[i])
+        for request in changed:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
+        if samples is not None and any(lp is not None for lp in samples.logprobs):
+            appended = {id(r) for r in changed}  # a dropped token's logprobs are dropped too
+            for request, logprobs in zip(sampling, samples.logprobs):
+                if logprobs is not None and id(request) in appended:
+                    self.outputs.record_logprobs(request, logprobs)
         new_outputs, stopped = self.outputs.process(changed)
         for request in stopped:
             self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
         for out in new_outputs:
             if out.finished and out.metrics is not None:
                 out.metrics.finished_time = now
-        self.last_step = StepStats(start, now, sched.work)
-        return outputs + new_outputs
+        return new_outputs
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers and leave the process group (no-op at TP=1)."""

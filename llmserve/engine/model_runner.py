@@ -1,13 +1,16 @@
 """Model runner: owns the weights and the KV cache, turns a scheduled step into tensors, runs the
 model and samples.
 
-One flat batch per step: the scheduled requests' new tokens are concatenated; positions,
-slot mapping and block tables are built with numpy (no per-token Python loops) and travel to
-the attention layers through the forward context.
+One flat batch per step: the scheduled requests' new tokens are concatenated. The block tables
+live in a persistent batch (`InputBatch`: one row per running request, updated from the
+scheduler's deltas), so positions, slot mapping and tables are a few numpy gathers per step
+(`StepArrays`); on CUDA they travel through pinned staging buffers allocated once. The arrays are
+also what tensor-parallel workers receive, so every rank builds the same tensors.
 
-A step is first described as plain data (`StepInput`: token ids, positions' starts, block ids,
-which rows sample) and then turned into tensors, so that under tensor parallelism every rank can
-build the same tensors from the same small, picklable description; only rank 0 samples.
+`launch` runs the forward and starts sampling without waiting for the device: it returns an
+`InFlightStep` whose `result()` reads the sampled tokens. With async scheduling the engine
+launches step N+1 before reading step N, and the tokens step N sampled become step N+1's inputs
+on the device (`StepArrays.from_device_*`) without a round trip through the host.
 """
 
 from __future__ import annotations
@@ -24,8 +27,28 @@ from llmserve.attention.metadata import AttentionMetadata, forward_context
 from llmserve.config import EngineConfig
 from llmserve.distributed.communication import all_reduce_min
 from llmserve.distributed.parallel_state import get_tp_world_size, rank_device
+from llmserve.engine.host_staging import HostStaging
+from llmserve.engine.input_batch import InputBatch, StepArrays
 from llmserve.engine.request import Request
 from llmserve.engine.sampler import Sampler, SamplerOutput
+
+try:  # TEMPORARY until the sampler's sample()/PendingSample land
+    from llmserve.engine.sampler import PendingSample
+except ImportError:  # pragma: no cover
+    class PendingSample:  # type: ignore[no-redef]
+        def __init__(self, out: SamplerOutput, device: torch.device) -> None:
+            self._out = out
+            self.token_ids = torch.tensor(out.token_ids, dtype=torch.long, device=device)
+
+        def to_host(self) -> SamplerOutput:
+            return self._out
+
+    def _sample(self, logits, requests):
+        return PendingSample(self(logits, requests), logits.device)
+
+    if not hasattr(Sampler, "sample"):
+        Sampler.sample = _sample
+from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.layers.attention import Attention
 from llmserve.models.loader import load_model
 
@@ -33,14 +56,21 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StepInput:
-    """One step as plain Python data, identical on every rank (what workers receive)."""
+class InFlightStep:
+    """A launched step: its schedule, the requests that sample (in order) and their samples."""
 
-    input_ids: list[int]  # the scheduled requests' new tokens, concatenated
-    num_new: list[int]  # new tokens per request
-    starts: list[int]  # num_computed_tokens per request (position of its first new token)
-    block_ids: list[list[int]]  # KV-cache block table per request
-    samples: list[int]  # indices of the requests that sample this step
+    sched: SchedulerOutput
+    sampling: list[Request]
+    pending: PendingSample | None
+    # request id -> row of `pending.token_ids`, for the next step's device-side inputs.
+    sample_row_of: dict[str, int]
+    _result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput | None:
+        """Wait for the device and read the sampled tokens (and logprobs); once."""
+        if self._result is None and self.pending is not None:
+            self._result = self.pending.to_host()
+        return self._result
 
 
 class ModelRunner:
@@ -60,6 +90,9 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         self._allocate_kv_cache(get_attention_backend(config.resolved_attention_backend))
         self.sampler = Sampler()
+        max_blocks = -(-config.max_model_len // self.block_size)
+        self.batch = InputBatch(config.scheduler.max_num_seqs, max_blocks, self.block_size)
+        self.staging = HostStaging(self.device)
         self.graphs = None
         # Graph capture needs a backend that never syncs with the host in a decode batch.
         # NOTE: decode graphs are captured at TP=1 only; capturing collectives is not done yet.
@@ -71,7 +104,10 @@ class ModelRunner:
         ):
             from llmserve.engine.cuda_graph import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(
+                self.model, self.device, config.scheduler.max_num_seqs, max_blocks,
+                config.max_model_len,
+            )
 
     # -- KV cache --------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -121,92 +157,65 @@ class ModelRunner:
         )
 
     # -- one step --------------------------------------------------------------------------------
-    @staticmethod
-    def describe(scheduled: list[tuple[Request, int]], block_ids: list[list[int]]) -> StepInput:
-        """The step as plain data. A request samples when this step brings it level with its
-        length (the last chunk of a prefill, or a decode); earlier prefill chunks do not."""
-        input_ids: list[int] = []
-        num_new: list[int] = []
-        starts: list[int] = []
-        samples: list[int] = []
-        for i, (request, n) in enumerate(scheduled):
-            start = request.num_computed_tokens
-            input_ids.extend(request.all_token_ids[start : start + n])
-            num_new.append(n)
-            starts.append(start)
-            if start + n == request.num_tokens:
-                samples.append(i)
-        return StepInput(input_ids, num_new, starts, block_ids, samples)
+    def prepare(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> StepArrays:
+        """Mirror the scheduler's deltas into the persistent batch and flatten the step."""
+        rows = self.batch.update(sched)
+        return self.batch.build(sched, rows, prev.sample_row_of if prev is not None else None)
 
-    def prepare(
-        self, scheduled: list[tuple[Request, int]], block_ids: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flatten a step into (input_ids, positions, metadata, indices of requests that sample)."""
-        step = self.describe(scheduled, block_ids)
-        return (*self.prepare_step(step), step.samples)
-
-    def prepare_step(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Tensors for a described step: (input_ids, positions, attention metadata)."""
-        batch = len(step.num_new)
-        num_new = np.array(step.num_new, np.int64)
-        starts = np.array(step.starts, np.int64)
-        cu = np.zeros(batch + 1, np.int64)
-        np.cumsum(num_new, out=cu[1:])
-        total = int(cu[-1])
-        row = np.repeat(np.arange(batch), num_new)
-        positions = np.arange(total) - cu[row] + starts[row]
-        seq_lens = starts + num_new
-        max_blocks = max(len(ids) for ids in step.block_ids)
-        tables = np.zeros((batch, max_blocks), np.int32)
-        for i, ids in enumerate(step.block_ids):
-            tables[i, : len(ids)] = ids
-        slots = tables[row, positions // self.block_size].astype(np.int64) * self.block_size
-        slots += positions % self.block_size
-        num_decode = int(np.argmin(num_new == 1)) if not (num_new == 1).all() else batch
-        meta = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(cu.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(tables),
-            max_query_len=int(num_new.max()),
-            max_seq_len=int(seq_lens.max()),
-            num_decode_tokens=num_decode,
-        )
-        ids = torch.tensor(step.input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        return ids, self._to_device(positions), meta
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
-    def execute(
-        self, scheduled: list[tuple[Request, int]], block_ids: list[list[int]]
-    ) -> tuple[list[Request], SamplerOutput | None]:
-        """Run one step; return the requests that sampled (in order) and their samples."""
-        return self.execute_step(self.describe(scheduled, block_ids), scheduled)
+    def launch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Run one step and start sampling; nothing here waits for the device."""
+        step = self.prepare(sched, prev)
+        return self.launch_prepared(step, sched, prev)
 
     @torch.inference_mode()
-    def execute_step(
-        self, step: StepInput, scheduled: list[tuple[Request, int]] | None = None
-    ) -> tuple[list[Request], SamplerOutput | None]:
-        """Run a described step. Tensor-parallel workers pass no `scheduled` and sample nothing:
+    def launch_prepared(self, step: StepArrays, sched: SchedulerOutput | None = None,
+                        prev: InFlightStep | None = None) -> InFlightStep:
+        """Run a prepared step. Tensor-parallel workers pass no `sched` and sample nothing:
         they run the same forward (and their share of the LM head) in lock-step with rank 0."""
-        input_ids, positions, meta = self.prepare_step(step)
-        if self.graphs is not None and self.graphs.can_run(meta, len(step.num_new)):
+        input_ids, positions, meta = self._tensors(step, prev)
+        if self.graphs is not None and self.graphs.can_run(meta, step.batch_size):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             with forward_context(meta):
                 hidden = self.model(input_ids, positions)
-        if not step.samples:
-            return [], None
-        ends = meta.query_start_loc[1:].long() - 1
-        logits = self.model.compute_logits(hidden[ends[step.samples]])
-        if scheduled is None or logits is None:
-            return [], None
-        sampling = [scheduled[i][0] for i in step.samples]
-        return sampling, self.sampler(logits, sampling)
+        if not len(step.sample_rows):
+            return InFlightStep(sched, [], None, {})
+        if not step.all_rows_sample_last_token:
+            hidden = hidden.index_select(0, self.staging.put("sample_index", step.sample_token_index))
+        logits = self.model.compute_logits(hidden)  # every rank: the LM head is sharded
+        if sched is None or logits is None:  # a tensor-parallel worker
+            return InFlightStep(sched, [], None, {})
+        sampling = [sched.scheduled[i][0] for i in sched.sample_indices]
+        pending = self.sampler.sample(logits, sampling)
+        return InFlightStep(sched, sampling, pending, {r.request_id: j for j, r in enumerate(sampling)})
+
+    def _tensors(self, step: StepArrays, prev: InFlightStep | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        put = self.staging.put
+        self.staging.next_step()
+        input_ids = put("input_ids", step.input_ids)
+        if step.from_device_dst is not None:
+            if prev is None or prev.pending is None:
+                raise RuntimeError("a step needs tokens from a previous step that was not launched")
+            src = put("from_device_src", step.from_device_src)
+            input_ids.index_copy_(0, put("from_device_dst", step.from_device_dst),
+                                  prev.pending.token_ids.index_select(0, src))
+        meta = AttentionMetadata(
+            slot_mapping=put("slot_mapping", step.slot_mapping),
+            query_start_loc=put("query_start_loc", step.query_start_loc),
+            seq_lens=put("seq_lens", step.seq_lens),
+            block_tables=put("block_tables", step.block_tables),
+            max_query_len=1 if step.num_decode_tokens == step.batch_size
+            else int(np.diff(step.query_start_loc).max()),
+            max_seq_len=int(step.seq_lens.max()),
+            num_decode_tokens=step.num_decode_tokens,
+        )
+        return input_ids, put("positions", step.positions), meta
+
+    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+        """Run one step and wait for it: the requests that sampled (in order) and their samples."""
+        inflight = self.launch(sched)
+        return inflight.sampling, inflight.result()
 
     def shutdown(self) -> None:
         """Nothing to stop in a single process (tensor-parallel executors stop their workers)."""

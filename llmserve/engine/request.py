@@ -61,6 +61,9 @@ class Request:
         self.priority = priority
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Tokens sampled by a step still in flight (async scheduling): scheduled as this
+        # request's next input, appended once the step's results are read.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = -1  # set at first scheduling
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
@@ -90,6 +93,16 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def samples_from_history(self) -> bool:
+        """Whether sampling its next token reads its earlier outputs (penalties, min_tokens):
+        then a step must not be launched before the previous step's tokens are appended."""
+        sp = self.sampling_params
+        return (
+            sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0
+            or sp.frequency_penalty != 0.0 or self.num_output_tokens < sp.min_tokens
+        )
 
     @property
     def is_finished(self) -> bool:

@@ -21,9 +21,20 @@ from llmserve.engine.request import Request, RequestStatus
 
 @dataclass
 class SchedulerOutput:
-    """The requests of one step, in batch order, with how many tokens each computes."""
+    """The requests of one step, in batch order, with how many tokens each computes.
+
+    `starts[i]` is where request i's new tokens begin (its `num_computed_tokens` before this
+    step: the scheduler advances it when it schedules). `new_block_ids[i]` lists the blocks
+    request i gained this step, and `freed_ids` the requests whose blocks were released since
+    the previous step: the model runner keeps its block tables in step with these deltas.
+    """
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    freed_ids: list[str] = field(default_factory=list)
+    # Indices into `scheduled` of the requests that sample a token this step.
+    sample_indices: list[int] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
     # Filled by update_from_output: parent request id -> (prefill-style tokens, decode tokens).
@@ -33,8 +44,22 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def add(self, request: Request, num_new: int, new_blocks: list[int]) -> None:
+        self.scheduled.append((request, num_new))
+        self.starts.append(request.num_computed_tokens)
+        self.new_block_ids.append(new_blocks)
+
 
 class Scheduler:
+    """Decides, each step, which requests run and how many tokens each computes.
+
+    Running requests go first, oldest first; waiting ones are admitted first-come first-served
+    while the token budget, `max_num_seqs` and the KV pool allow. Scheduling a request advances
+    its `num_computed_tokens` at once, and a request that will sample gets an output
+    placeholder, so the next step can be scheduled while this one still runs (async
+    scheduling); `update_from_output` later appends the sampled tokens and applies stops.
+    """
+
     def __init__(
         self, config: SchedulerConfig, kv_manager: KVCacheManager, max_model_len: int
     ) -> None:
@@ -45,6 +70,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._freed: list[str] = []  # released since the last schedule(), for the runner
 
     # -- admission -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -62,33 +88,61 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to do until its last token is sampled
-                i += 1
+            pending = request.num_output_placeholders
+            num_new = min(request.num_tokens + pending - request.num_computed_tokens, budget)
+            if num_new <= 0 or (pending and self._ends_with_pending(request)):
+                i += 1  # nothing to do until its last token is known, or that token ends it
                 continue
-            while self.kv.allocate_slots(request, num_new) is None:
+            while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()  # newest first; never one already scheduled
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
             else:
-                out.scheduled.append((request, num_new))
+                self._schedule(out, request, num_new, new_blocks)
                 budget -= num_new
                 i += 1
         if not out.preempted:
             budget = self._admit_waiting(out, budget, now)
+        # Taken last, so the rows of requests preempted just now are free for the new ones.
+        out.freed_ids, self._freed = self._freed, []
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def _ends_with_pending(self, request: Request) -> bool:
+        """Whether the token still in flight is its last (max_tokens or the context is full)."""
+        pending = request.num_output_placeholders
+        return (
+            request.num_output_tokens + pending >= request.max_tokens
+            or request.num_tokens + pending >= self.max_model_len
+        )
+
+    def _schedule(self, out: SchedulerOutput, request: Request, num_new: int,
+                  new_blocks: list[int]) -> None:
+        out.add(request, num_new, new_blocks)
+        if not (num_new == 1 and request.num_computed_tokens >= request.num_prompt_tokens):
+            # Prefill-style work (prompt, chunks, recompute after preemption) is billed when it
+            # is scheduled; a decode only once its token is kept (see update_from_output).
+            request.num_prefill_tokens_run += num_new
+            p, d = out.work.get(request.parent_id, (0, 0))
+            out.work[request.parent_id] = (p + num_new, d)
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            out.sample_indices.append(len(out.scheduled) - 1)
+            request.num_output_placeholders += 1  # this step samples its next token
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: re-admit once that token is known
             hit_blocks, num_hit = [], 0
             if request.num_computed_tokens == 0:
                 hit_blocks, num_hit = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
-            if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
+            new_blocks = self.kv.allocate_slots(request, num_new, hit_blocks)
+            if new_blocks is None:
                 break  # head-of-line waits for blocks; order stays first-come first-served
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
@@ -98,40 +152,45 @@ class Scheduler:
                 request.metrics.first_scheduled_time = now
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append((request, num_new))
+            self._schedule(out, request, num_new, new_blocks)
             budget -= num_new
         return budget
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self._release(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _release(self, request: Request) -> None:
+        self.kv.free(request)
+        self._freed.append(request.request_id)
+
     # -- after the forward pass ------------------------------------------------------------
     def update_from_output(
         self, out: SchedulerOutput, sampled: dict[str, int]
     ) -> list[Request]:
-        """Advance each scheduled request; append sampled tokens; return requests that changed.
+        """Bill decodes; append sampled tokens; return the requests that changed.
 
-        `sampled` maps request id -> token for requests that reached their length this step.
-        A request that finishes (EOS, stop token, max_tokens, context full) is freed here.
+        `sampled` maps request id -> token for requests whose step brought them level with
+        their length. A request that finished meanwhile (a stop seen one step late, an abort)
+        drops its token: it never reaches outputs. One that finishes now (EOS, stop token,
+        max_tokens, context full) is freed here.
         """
         changed = []
-        for request, num_new in out.scheduled:
-            if request.is_finished:  # aborted while the step ran
-                continue
-            # Cost accounting: a single token after the first output is a decode; everything
-            # else (prompt, chunks, recompute after preemption) is prefill-style work.
-            prefill, decode = (0, 1) if num_new == 1 and request.num_output_tokens > 0 else (num_new, 0)
-            request.num_prefill_tokens_run += prefill
-            request.num_decode_tokens_run += decode
-            p, d = out.work.get(request.parent_id, (0, 0))
-            out.work[request.parent_id] = (p + prefill, d + decode)
-            request.num_computed_tokens += num_new
+        for (request, num_new), start in zip(out.scheduled, out.starts):
             token = sampled.get(request.request_id)
+            if token is not None:
+                request.num_output_placeholders -= 1
+            if request.is_finished:  # aborted or stopped while the step ran
+                continue
+            if num_new == 1 and start >= request.num_prompt_tokens:
+                # A decode: its input was an output token. Billed only when its token is kept.
+                request.num_decode_tokens_run += 1
+                p, d = out.work.get(request.parent_id, (0, 0))
+                out.work[request.parent_id] = (p, d + 1)
             if token is None:
                 continue
             request.append_token(token)
@@ -164,7 +223,7 @@ class Scheduler:
                 self.waiting.remove(request)
             except ValueError:
                 pass
-        self.kv.free(request)
+        self._release(request)
         self.requests.pop(request.request_id, None)
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:

@@ -1,7 +1,7 @@
 """Tensor-parallel workers: ranks 1..N-1 of a model, driven in lock-step by rank 0 (the engine).
 
 A worker joins the process group, loads its shard of the weights, sizes its share of the KV cache,
-then loops: receive a step description (`StepInput`, plain data), build the same tensors as every
+then loops: receive a step description (`StepArrays`, plain data), build the same tensors as every
 other rank, run the forward and its slice of the LM head. It never samples.
 
 Spawned workers (one host) get steps over a pipe, with `WorkerGroup` on rank 0's side checking
@@ -87,7 +87,7 @@ def _serve_pipe(runner: ModelRunner, conn: Connection) -> None:
         step = pickle.loads(payload)
         if step is None:
             return
-        runner.execute_step(step)
+        runner.launch_prepared(step)
 
 
 def run_env_worker(config: EngineConfig, rank: int, world_size: int, local_rank: int) -> None:
@@ -97,7 +97,7 @@ def run_env_worker(config: EngineConfig, rank: int, world_size: int, local_rank:
         runner = ModelRunner(config)
         logger.info("tensor-parallel rank %d of %d ready", rank, world_size)
         while (step := broadcast_object()) is not None:
-            runner.execute_step(step)
+            runner.launch_prepared(step)
     finally:
         destroy_tensor_parallel()
 
