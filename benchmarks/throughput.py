@@ -1,9 +1,16 @@
-"""Offline throughput: llmserve vs transformers' static `generate` and `generate_batch`.
+"""Offline throughput: llmserve vs transformers' static `generate` and `generate_batch`, and
+optionally vLLM's CPU build (`make peer-vllm`; it runs in its own virtualenv as a subprocess).
 
-Same checkpoint, same prompts, same output lengths (ignore_eos), measured in one run. Prints a
-table and JSON (output tok/s, ratios, peak memory).
+Same checkpoint, same prompts (token ids), same output lengths (ignore_eos), measured in one run.
+With `--rounds N` every engine is built once and then runs once per round, in alternating order
+(round 1 in `--engines` order, round 2 reversed, ...), on that round's prompts, so a machine
+whose speed drifts cannot favour one engine; the table and JSON give the median per engine and
+llmserve's ratio to each peer per round. Greedy tokens of the first `--check-tokens` prompts are
+compared between llmserve and each peer that returns them.
 
     python benchmarks/throughput.py                      # default CPU workload (~20M Llama)
+    python benchmarks/throughput.py --model-preset qwen3-small --workload decode-heavy \\
+        --engines llmserve,vllm,hf_generate_batch,hf_generate --rounds 3 --json out.json
     python benchmarks/throughput.py --model-preset qwen3-0.6b --num-prompts 256 \\
         --input-len-range 100 1024 --output-len-range 100 1024 --dtype bfloat16 --json out.json
 """
@@ -17,6 +24,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -25,12 +33,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peers
 
 PRESETS = {
     # ~20M parameters: 4 layers, hidden 256, 8 heads, 2 KV heads, vocab 32000 (untied).
     "llama-20m": dict(
         architecture="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048,
+    ),
+    # The small Qwen3 of issue 12's CPU comparisons (vLLM-CPU, llama.cpp): 4 layers, hidden 256.
+    "qwen3-small": dict(
+        architecture="qwen3", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=32000,
+        max_position_embeddings=4096,
     ),
     # Qwen3-0.6B's shape with random weights.
     "qwen3-0.6b": dict(
@@ -41,28 +56,61 @@ PRESETS = {
 }
 
 
+# (num_prompts, input_len_range, output_len_range); explicit flags override a workload's values.
+WORKLOADS = {
+    "default": (64, [16, 256], [128, 128]),
+    "decode-heavy": (64, [16, 256], [256, 256]),
+    "prefill-heavy": (32, [768, 1024], [16, 16]),
+}
+ENGINES = ("llmserve", "vllm", "hf_generate_batch", "hf_generate")
+ALIASES = {"generate_batch": "hf_generate_batch", "hf-cb": "hf_generate_batch",
+           "generate": "hf_generate", "hf-static": "hf_generate", "vllm-cpu": "vllm"}
+TOKEN_PEERS = ("vllm", "hf_generate_batch")  # engines whose greedy tokens are compared
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="existing HF checkpoint directory (else a preset is built)")
     p.add_argument("--model-preset", default="llama-20m", choices=sorted(PRESETS))
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len-range", type=int, nargs=2, default=[16, 256])
-    p.add_argument("--output-len-range", type=int, nargs=2, default=[128, 128])
+    p.add_argument("--workload", default="default", choices=sorted(WORKLOADS),
+                   help="prompt count and lengths; the three flags below override it")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--input-len-range", type=int, nargs=2, default=None)
+    p.add_argument("--output-len-range", type=int, nargs=2, default=None)
+    p.add_argument("--engines", default="llmserve,hf_generate_batch,hf_generate",
+                   help=f"comma-separated, from {', '.join(ENGINES)} (vllm needs `make peer-vllm`)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported")
+    p.add_argument("--check-tokens", type=int, default=4,
+                   help="compare greedy tokens of this many prompts (round 1) with llmserve's")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--static-batch-size", type=int, default=64, help="padded batch size for HF generate")
-    p.add_argument("--skip", action="append", default=[], choices=["llmserve", "hf-static", "hf-cb"])
+    p.add_argument("--skip", action="append", default=[], choices=["llmserve", "hf-static", "hf-cb"],
+                   help="drop an engine from --engines (kept for older command lines)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="llmserve ranks (one process each)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    n, ilen, olen = WORKLOADS[args.workload]
+    args.num_prompts = n if args.num_prompts is None else args.num_prompts
+    args.input_len_range = ilen if args.input_len_range is None else args.input_len_range
+    args.output_len_range = olen if args.output_len_range is None else args.output_len_range
+    names = [ALIASES.get(e.strip(), e.strip()) for e in args.engines.split(",") if e.strip()]
+    names = [e for e in dict.fromkeys(names) if e not in {ALIASES.get(s, s) for s in args.skip}]
+    unknown = [e for e in names if e not in ENGINES]
+    if unknown or not names:
+        p.error(f"unknown or no engines {unknown}; choose from {', '.join(ENGINES)}")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    args.engines = names
+    return args
 
 
-def make_workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
-    rng = random.Random(args.seed)
+def make_workload(args, vocab: int, seed: int | None = None) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(args.seed if seed is None else seed)
     lo, hi = args.input_len_range
     olo, ohi = args.output_len_range
     prompts = [[rng.randrange(10, vocab - 10) for _ in range(rng.randint(lo, hi))] for _ in range(args.num_prompts)]
@@ -107,14 +155,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_llmserve(args, path, prompts, out_lens, device) -> dict:
+def build_llmserve(args, path, device):
     from llmserve import LLM, SamplingParams
 
     llm = LLM(path, dtype=args.dtype, device=str(device), max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
+    llm.generate([{"prompt_token_ids": list(range(10, 18))}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    return llm
+
+
+def run_llmserve(args, llm, prompts, out_lens, device) -> dict:
+    from llmserve import SamplingParams
+
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
-    llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
@@ -123,10 +177,9 @@ def run_llmserve(args, path, prompts, out_lens, device) -> dict:
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == sum(out_lens), "llmserve produced a different number of tokens"
-    result = {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device),
-              "num_preemptions": llm.stats()["num_preemptions"]}
-    del llm
-    return result
+    return {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device),
+            "num_preemptions": llm.stats()["num_preemptions"],
+            "token_ids": [list(o.outputs[0].token_ids) for o in outs[: args.check_tokens]]}
 
 
 def load_hf(path, args, device):
@@ -187,9 +240,14 @@ def run_hf_generate_batch(args, model, prompts, out_lens, device) -> dict:
             mode = "generate_batch, all run to the longest (only requested tokens counted)"
     sync(device)
     elapsed = time.perf_counter() - start
-    produced = sum(min(len(r.generated_tokens), n) for r, n in zip(_ordered(results, len(prompts)), out_lens))
-    return {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device),
-            "mode": mode}
+    ordered = _ordered(results, len(prompts))
+    produced = sum(min(len(r.generated_tokens), n) for r, n in zip(ordered, out_lens))
+    run = {"elapsed_s": elapsed, "output_tokens": produced, "peak_memory_mib": peak_memory_mib(device),
+           "mode": mode}
+    if all(f"req_{i}" in results for i in range(len(prompts))):  # order known: tokens comparable
+        run["token_ids"] = [list(r.generated_tokens[:n]) for r, n in
+                            zip(ordered[: args.check_tokens], out_lens)]
+    return run
 
 
 def _ordered(results: dict, n: int) -> list:
@@ -228,57 +286,162 @@ def hardware() -> dict:
     return info
 
 
+def build_engines(args, path: str, device: torch.device, closers: list) -> tuple[dict, dict]:
+    """Each engine once, for every round: name -> run(prompts, out_lens), and start-up info.
+
+    What must be shut down at the end (the vLLM worker) is appended to `closers` at once, so a
+    failure while building a later engine still shuts it down. vLLM starts first and alone: its torch.compile start-up (a minute or more) must not
+    overlap another engine's warm-up.
+    """
+    runners, info = {}, {}
+    if "vllm" in args.engines:
+        if device.type != "cpu":
+            raise SystemExit("the vllm engine is vLLM's CPU build; run it with --device cpu")
+        from peers.vllm_engine import VllmOfflinePeer
+
+        peer = VllmOfflinePeer(path, args.dtype, args.seed, args.max_num_seqs, args.max_num_batched_tokens)
+        closers.append(peer.close)
+        runners["vllm"] = lambda p, o: peer.run(p, o, args.check_tokens)
+        info["vllm"] = peer.info
+        info["vllm"]["idle_cpu_s"] = lambda: peer.idle_cpu_s
+    if "llmserve" in args.engines and device.type == "cpu":
+        start = time.perf_counter()
+        llm = build_llmserve(args, path, device)
+        info["llmserve"] = {"startup_s": time.perf_counter() - start}
+        runners["llmserve"] = lambda p, o: run_llmserve(args, llm, p, o, device)
+    elif "llmserve" in args.engines:
+        # On a GPU llmserve reserves most of the memory for its KV cache, so it is built for
+        # each run and freed after it, and transformers' runs get the memory back.
+        runners["llmserve"] = lambda p, o: run_llmserve_fresh(args, path, p, o, device)
+    hf: list = []  # loaded on first use: on a GPU, not while llmserve holds the memory
+
+    def hf_model():
+        if not hf:
+            hf.append(load_hf(path, args, device))
+        return hf[0]
+
+    runners["hf_generate_batch"] = lambda p, o: run_hf_generate_batch(args, hf_model(), p, o, device)
+    runners["hf_generate"] = lambda p, o: run_hf_static(args, hf_model(), p, o, device)
+    return runners, info
+
+
+def run_llmserve_fresh(args, path, prompts, out_lens, device) -> dict:
+    llm = build_llmserve(args, path, device)
+    try:
+        return run_llmserve(args, llm, prompts, out_lens, device)
+    finally:
+        del llm
+        reset_peak(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = device_of(args)
     path = checkpoint(args)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-    prompts, out_lens = make_workload(args, min(vocab, 32000))
-    runs: dict[str, dict] = {}
-
-    def record(name: str, run: dict) -> None:
-        run["output_tok_s"] = run["output_tokens"] / run["elapsed_s"]
-        runs[name] = run
-        if args.json:  # after every engine, so a run cut short by a timeout keeps what finished
-            Path(args.json).write_text(json.dumps(summary(args, device, out_lens, runs), indent=2))
-
-    if "llmserve" not in args.skip:
-        record("llmserve", run_llmserve(args, path, prompts, out_lens, device))
-    if not {"hf-static", "hf-cb"} <= set(args.skip):
-        model = load_hf(path, args, device)
-        if "hf-cb" not in args.skip:
-            record("hf_generate_batch", run_hf_generate_batch(args, model, prompts, out_lens, device))
-        if "hf-static" not in args.skip:
-            record("hf_generate", run_hf_static(args, model, prompts, out_lens, device))
-    result = summary(args, device, out_lens, runs)
+    rounds: dict[str, list[dict]] = {name: [] for name in args.engines}
+    tokens: dict[str, list[list[int]]] = {}
+    closers: list = []
+    try:
+        runners, info = build_engines(args, path, device, closers)
+        for k in range(args.rounds):
+            # Fresh prompts each round (seed + k): no engine gets prefix-cache hits from an
+            # earlier round, and every engine gets the same prompts within a round.
+            prompts, out_lens = make_workload(args, min(vocab, 32000), seed=args.seed + k)
+            order = args.engines if k % 2 == 0 else args.engines[::-1]
+            for name in order:
+                run = runners[name](prompts, out_lens)
+                got = run.pop("token_ids", None)
+                if k == 0 and got is not None:
+                    tokens[name] = got
+                run["output_tok_s"] = run["output_tokens"] / run["elapsed_s"]
+                run["total_tok_s"] = (run["output_tokens"] + sum(map(len, prompts))) / run["elapsed_s"]
+                rounds[name].append(run)
+                print(f"round {k + 1}/{args.rounds} {name:<18} {run['output_tok_s']:10.1f} output tok/s",
+                      file=sys.stderr)
+                if args.json:  # after every run, so a run cut short by a timeout keeps what finished
+                    write_json(args.json, summary(args, device, rounds, info, tokens))
+    finally:
+        for close in closers:
+            close()
+    result = summary(args, device, rounds, info, tokens)
     print_table(result)
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 
-def summary(args, device, out_lens: list[int], runs: dict[str, dict]) -> dict:
+def write_json(path: str, result: dict) -> None:
+    Path(path).write_text(json.dumps(result, indent=2))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median figures of one engine's rounds; the rounds themselves are kept beside them."""
+    med = {key: statistics.median(r[key] for r in runs) for key in ("output_tok_s", "total_tok_s", "elapsed_s")}
+    extra = {k: v for k, v in runs[-1].items() if k not in med and k not in ("output_tokens", "peak_memory_mib")}
+    return {**med, "output_tokens": runs[0]["output_tokens"],
+            "peak_memory_mib": max(r["peak_memory_mib"] for r in runs), **extra,
+            "per_round": [{k: r[k] for k in ("output_tok_s", "total_tok_s", "elapsed_s", "output_tokens")}
+                          for r in runs]}
+
+
+def compare_tokens(tokens: dict[str, list[list[int]]]) -> dict:
+    """Per peer: how many of the compared prompts have exactly llmserve's greedy tokens."""
+    ours = tokens.get("llmserve")
+    result = {}
+    for name in TOKEN_PEERS:
+        if ours is None or name not in tokens:
+            continue
+        first_diff = []
+        for a, b in zip(ours, tokens[name]):
+            diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+            first_diff.append(diff if diff is not None or len(a) == len(b) else min(len(a), len(b)))
+        result[name] = {"prompts": len(first_diff), "identical": sum(d is None for d in first_diff),
+                        "first_difference_at": first_diff}
+    return result
+
+
+def summary(args, device, rounds: dict[str, list[dict]], info: dict, tokens: dict) -> dict:
+    runs = {name: median_run(r) for name, r in rounds.items() if r}
+    for name, extra in info.items():
+        if name in runs:
+            runs[name].update({k: (v() if callable(v) else v) for k, v in extra.items()})
     result = {
         "benchmark": "throughput", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": args.model or args.model_preset, "dtype": args.dtype, "device": str(device),
-        "workload": {"num_prompts": args.num_prompts, "input_len_range": args.input_len_range,
-                     "output_len_range": args.output_len_range, "total_output_tokens": sum(out_lens),
-                     "seed": args.seed},
+        "workload": {"name": args.workload, "num_prompts": args.num_prompts,
+                     "input_len_range": args.input_len_range, "output_len_range": args.output_len_range,
+                     "seeds": [args.seed + k for k in range(args.rounds)], "rounds": args.rounds,
+                     "engine_order": "round 1 as listed, then alternately reversed",
+                     "engines": args.engines,
+                     "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},
         "hardware": hardware(), "runs": runs,
     }
     if "llmserve" in runs:
         base = runs["llmserve"]["output_tok_s"]
         result["ratios"] = {f"llmserve_vs_{k}": base / v["output_tok_s"] for k, v in runs.items() if k != "llmserve"}
+        ours = [r["output_tok_s"] for r in rounds["llmserve"]]
+        result["per_round_ratios"] = {
+            f"llmserve_vs_{k}": [a / r["output_tok_s"] for a, r in zip(ours, rounds[k])]
+            for k in runs if k != "llmserve"}
+    if tokens:
+        result["greedy_tokens_vs_llmserve"] = compare_tokens(tokens)
     return result
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'engine':<20} {'output tok/s':>14} {'elapsed s':>10} {'tokens':>8} {'peak MiB':>10}")
+    print(f"\n{'engine':<20} {'output tok/s':>14} {'elapsed s':>10} {'tokens':>8} {'peak MiB':>10}   per round tok/s")
     for name, r in result["runs"].items():
-        print(f"{name:<20} {r['output_tok_s']:>14.1f} {r['elapsed_s']:>10.2f} {r['output_tokens']:>8} {r['peak_memory_mib']:>10.0f}")
+        per_round = ", ".join(f"{x['output_tok_s']:.0f}" for x in r["per_round"])
+        print(f"{name:<20} {r['output_tok_s']:>14.1f} {r['elapsed_s']:>10.2f} {r['output_tokens']:>8} "
+              f"{r['peak_memory_mib']:>10.0f}   {per_round}")
     for name, ratio in result.get("ratios", {}).items():
-        print(f"{name}: {ratio:.2f}x")
+        rounds = ", ".join(f"{x:.2f}x" for x in result["per_round_ratios"][name])
+        print(f"{name}: {ratio:.2f}x of medians; per round {rounds}")
+    for name, check in result.get("greedy_tokens_vs_llmserve", {}).items():
+        print(f"greedy tokens, {name} vs llmserve: {check['identical']}/{check['prompts']} prompts identical "
+              f"(first difference at {check['first_difference_at']})")
     print()
 
 
