@@ -5,6 +5,8 @@ its share of the machine's measured device-to-device copy bandwidth, at batch {1
 context {512,4096,16384}, 32 query / 8 KV heads, head_dim 128, bf16, block size 16; torch SDPA
 (flash, GQA) on the same shapes over contiguous K/V is the peer. Prefill/extend: TFLOP/s of
 the extend kernel against SDPA. `--tune` adds a small sweep of launch configurations.
+Host overhead: microseconds of host time per attention call (one-shot wrapper, a step's plan
+reused by a layer, the Triton backend per layer), against the kernel's own time.
 
     PYTHONPATH=. python benchmarks/kernels.py --json out.json [--tune] [--quick]
 """
@@ -16,8 +18,10 @@ import datetime
 import functools
 import gc
 import json
+import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +70,7 @@ def paged_kv(batch: int, ctx: int, device: torch.device, shuffle: bool = True):
 
 
 def decode_case(batch: int, ctx: int, copy_gbs: float, device: torch.device) -> dict[str, Any]:
-    from llmserve.kernels.paged_decode import choose_num_splits, num_sms, paged_decode_attention
+    from llmserve.kernels.paged_decode import DecodePlan, paged_decode_attention
 
     kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * DTYPE.itemsize
     row: dict[str, Any] = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes}
@@ -83,9 +87,13 @@ def decode_case(batch: int, ctx: int, copy_gbs: float, device: torch.device) -> 
                                       max_seq_len=ctx)
 
     ms = bench_ms(ours)
+    # A layer of a step: the plan (split count, grids, scratch) made once, as the backend does.
+    plan = DecodePlan(q, k_cache, v_cache, qsl, seq_lens, tables, max_seq_len=ctx)
+    planned_ms = bench_ms(functools.partial(plan.run, q, k_cache, v_cache, out, scale))
     moved = kv_bytes + 2 * q.numel() * q.element_size() + tables.numel() * 4
     row.update(ms=ms, gbs=moved / ms / 1e6, pct_of_copy=100 * moved / ms / 1e6 / copy_gbs,
-               num_splits=choose_num_splits(batch, KV_HEADS, ctx, num_sms(device)))
+               planned_ms=planned_ms, planned_pct_of_copy=100 * moved / planned_ms / 1e6 / copy_gbs,
+               num_splits=plan.num_splits)
     # Peer: SDPA over the same memory read as contiguous [batch, kv_heads, ctx, head_dim].
     k = k_cache.view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2)
     v = v_cache.view(batch, -1, KV_HEADS, HEAD_DIM)[:, :ctx].transpose(1, 2)
@@ -139,6 +147,94 @@ def prefill_case(batch: int, q_len: int, prefix: int, device: torch.device) -> d
     except (RuntimeError, TypeError) as exc:
         row["sdpa_error"] = str(exc)[:200]
     return row
+
+
+def host_us_per_call(fn: Callable[[], Any], device: torch.device, calls: int = 100) -> float:
+    """Host microseconds per call, with the device kept busy so that it never waits for us.
+
+    A long device sleep goes first, so every launch of the timed calls only queues: the wall
+    time of the loop is the host's own cost (wrapper Python, Triton's launch path, driver).
+    """
+    fn()
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda._sleep(400_000_000)  # ~0.2 s at 2 GHz: longer than the loop below
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize(device)
+    return best
+
+
+def graph_ms(fn: Callable[[], Any], device: torch.device, replays: int = 200) -> float:
+    """Device milliseconds per call from CUDA-graph replays (no host work between kernels)."""
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / replays
+
+
+def host_overhead_case(batch: int, ctx: int, device: torch.device) -> dict[str, Any]:
+    """Host cost of one attention call: the one-shot wrapper, a step's plan reused by a layer,
+    and the Triton backend per layer (K/V store + decode), each with and without the direct
+    relaunch of compiled kernels; with the kernel's own time (graph replay) beside them."""
+    from llmserve.attention.metadata import AttentionMetadata
+    from llmserve.attention.triton_backend import triton_attention
+    from llmserve.kernels.paged_decode import DecodePlan, paged_decode_attention
+
+    scale = HEAD_DIM**-0.5
+    k_cache, v_cache, tables = paged_kv(batch, ctx, device)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    k = torch.randn(batch, KV_HEADS, HEAD_DIM, device=device, dtype=DTYPE)
+    qsl = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    slots = (tables[:, -1].long() * PAGE + PAGE - 1).contiguous()  # the last slot of each row
+    out = torch.empty_like(q)
+    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens,
+                             block_tables=tables, max_query_len=1, max_seq_len=ctx,
+                             num_decode_tokens=batch)
+    row: dict[str, Any] = {"batch": batch, "context": ctx}
+    plan = None
+    for fast in ("1", "0"):
+        os.environ["LLMSERVE_TRITON_FAST_LAUNCH"] = fast
+        meta.backend_cache.clear()
+        plan = DecodePlan(q, k_cache, v_cache, qsl, seq_lens, tables, max_seq_len=ctx)
+        calls = {
+            "wrapper": functools.partial(paged_decode_attention, q, k_cache, v_cache, qsl,
+                                         seq_lens, tables, scale, out=out, max_seq_len=ctx),
+            "planned": functools.partial(plan.run, q, k_cache, v_cache, out, scale),
+            "backend_layer": functools.partial(triton_attention, q, k, k, k_cache, v_cache,
+                                               meta, scale),
+        }
+        suffix = "" if fast == "1" else "_jit_only"
+        for name, fn in calls.items():
+            row[f"{name}_host_us{suffix}"] = host_us_per_call(fn, device)
+    os.environ.pop("LLMSERVE_TRITON_FAST_LAUNCH", None)
+    row["kernel_ms_graph"] = graph_ms(
+        functools.partial(plan.run, q, k_cache, v_cache, out, scale), device)
+    row["num_splits"] = plan.num_splits
+    return row
+
+
+def host_overhead(device: torch.device) -> list[dict[str, Any]]:
+    """`host_overhead_case` at batch 1 / 16k context and batch 64 / 4k."""
+    rows = []
+    for batch, ctx in ((1, 16384), (64, 4096)):
+        rows.append(host_overhead_case(batch, ctx, device))
+        release()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def tune(device: torch.device, results: dict[str, list[dict[str, Any]]],
@@ -195,13 +291,21 @@ def tune(device: torch.device, results: dict[str, list[dict[str, Any]]],
 
 def print_tables(report: dict[str, Any]) -> None:
     print(f"\n{report['device']}  copy bandwidth {report['copy_bandwidth_gbs']:.0f} GB/s")
-    print(f"{'batch':>6} {'ctx':>6} {'splits':>6} {'ms':>8} {'GB/s':>8} {'%copy':>6} {'sdpa GB/s':>10}")
+    print("host us per call (fast relaunch / JIT only) and the kernel's own ms (graph replay):")
+    for r in report.get("host_overhead", []):
+        cells = "  ".join(f"{n} {r[f'{n}_host_us']:.1f}/{r[f'{n}_host_us_jit_only']:.1f}"
+                          for n in ("wrapper", "planned", "backend_layer"))
+        print(f"  batch {r['batch']:>3} ctx {r['context']:>5}: {cells}  "
+              f"kernel {r['kernel_ms_graph']:.4f} ms")
+    print(f"{'batch':>6} {'ctx':>6} {'splits':>6} {'ms':>8} {'GB/s':>8} {'%copy':>6} "
+          f"{'sdpa GB/s':>10} {'planned ms':>10}")
     for r in report["decode"]:
         if "ms" not in r:
             print(f"{r['batch']:>6} {r['context']:>6}  {r.get('skipped', r.get('error', ''))}")
             continue
         print(f"{r['batch']:>6} {r['context']:>6} {r['num_splits']:>6} {r['ms']:>8.3f} "
-              f"{r['gbs']:>8.0f} {r['pct_of_copy']:>6.1f} {r.get('sdpa_gbs', float('nan')):>10.0f}")
+              f"{r['gbs']:>8.0f} {r['pct_of_copy']:>6.1f} {r.get('sdpa_gbs', float('nan')):>10.0f}"
+              f" {r.get('planned_ms', float('nan')):>10.3f}")
     print(f"\n{'batch':>6} {'q_len':>6} {'prefix':>6} {'ms':>8} {'TFLOP/s':>8} {'sdpa TFLOP/s':>12}")
     for r in report["prefill"]:
         if "ms" not in r:
@@ -242,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     release()
+    save()
+    report["host_overhead"] = host_overhead(device)
     save()
     batches, contexts = ((1, 64), (4096,)) if args.quick else (BATCHES, CONTEXTS)
     for batch in batches:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmserve.kernels.common import check_launchable, next_pow2
+from llmserve.kernels.common import StepLaunch, check_launchable, launch_key, next_pow2
 
 
 @triton.jit
@@ -46,6 +46,64 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+class StorePlan:
+    """The K/V store launch of one step, worked out once and reused by every layer.
+
+    k, v: [num_tokens, kv_heads, head_dim] (any token/head strides, e.g. views of a fused qkv);
+    k_cache, v_cache: contiguous [num_blocks, block_size, kv_heads, head_dim]. A layer whose
+    tensors have other shapes needs its own plan.
+    """
+
+    def __init__(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if k.shape != v.shape or k.dim() != 3:
+            raise ValueError(
+                f"k and v must both be [tokens, kv_heads, head_dim], got {k.shape} and {v.shape}"
+            )
+        if k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+            raise ValueError(
+                f"cache shape {tuple(k_cache.shape)} does not fit k of shape {tuple(k.shape)}"
+            )
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("k_cache and v_cache must be contiguous")
+        if slot_mapping.shape[0] < k.shape[0]:
+            raise ValueError("slot_mapping must have one entry per token")
+        self.num_tokens = num_tokens = k.shape[0]
+        if num_tokens:
+            check_launchable(k, v, k_cache, v_cache, slot_mapping)
+        self.slot_mapping = slot_mapping
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        self.slot_stride = num_kv_heads * head_dim
+        self.kernel = StepLaunch(
+            _store_kv_kernel, (max(num_tokens, 1), 1, 1),
+            dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=next_pow2(num_kv_heads),
+                 BLOCK_D=next_pow2(head_dim)),
+            num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+        )
+
+    def run(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor) -> None:
+        """Write k and v into the caches at the plan's slots (slot -1 is skipped)."""
+        self.launch(launch_key(k, v, k_cache, v_cache), k, v, k_cache, v_cache)
+
+    def launch(self, key: object, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> None:
+        """`run` with the `StepLaunch` key given: it must cover k, v and the caches."""
+        if self.num_tokens == 0:
+            return
+        # A copy made here is laid out by k's own layout, so the key still decides the launch.
+        k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+        ks, vs = k.stride(), v.stride()
+        self.kernel(key, k, v, k_cache, v_cache, self.slot_mapping, ks[0], ks[1], vs[0], vs[1],
+                    self.slot_stride)
+
+
 def store_kvcache(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -55,41 +113,7 @@ def store_kvcache(
 ) -> None:
     """Triton twin of `ref.store_kvcache`: one program per token; slot -1 is skipped.
 
-    k, v: [num_tokens, kv_heads, head_dim] (any token/head strides, e.g. views of a fused qkv);
-    k_cache, v_cache: contiguous [num_blocks, block_size, kv_heads, head_dim].
+    Shapes as in `StorePlan`, which a caller storing many layers of one step builds once.
     """
-    if k.shape != v.shape or k.dim() != 3:
-        raise ValueError(
-            f"k and v must both be [tokens, kv_heads, head_dim], got {k.shape} and {v.shape}"
-        )
-    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
-        raise ValueError(
-            f"cache shape {tuple(k_cache.shape)} does not fit k of shape {tuple(k.shape)}"
-        )
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
-    if slot_mapping.shape[0] < k.shape[0]:
-        raise ValueError("slot_mapping must have one entry per token")
-    num_tokens = k.shape[0]
-    if num_tokens == 0:
-        return
-    check_launchable(k, v, k_cache, v_cache, slot_mapping)
-    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    _store_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        num_kv_heads * head_dim,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_H=next_pow2(num_kv_heads),
-        BLOCK_D=next_pow2(head_dim),
-        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
-    )
+    # One launch: nothing to relaunch, so no key.
+    StorePlan(k, v, k_cache, v_cache, slot_mapping).launch(None, k, v, k_cache, v_cache)

@@ -14,7 +14,13 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.attention_tile import attend_tile
-from llmserve.kernels.common import check_launchable, next_pow2, num_sms
+from llmserve.kernels.common import (
+    StepLaunch,
+    check_launchable,
+    launch_key,
+    next_pow2,
+    num_sms,
+)
 
 LOG2E = 1.4426950408889634
 # A slice shorter than this costs more in the merge than it gains in parallelism.
@@ -107,17 +113,122 @@ def _decode_merge_kernel(
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sms: int = 132) -> int:
-    """Slices per sequence: enough programs to fill the GPU about twice, never tiny slices."""
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, sms: int = 132, block_n: int = 64
+) -> int:
+    """Slices per sequence: enough programs to fill the GPU about twice, never tiny slices.
+
+    The count is trimmed so that every slice of the longest sequence holds whole tiles of
+    `block_n` keys and none is empty: 16k tokens asked to cover 264 programs with 8 KV heads
+    gives 32 slices of 512, not 33 of which one is empty.
+    """
     programs = max(1, batch * num_kv_heads)
     wanted = -(-2 * sms // programs)
     by_length = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    target = max(1, min(wanted, by_length, MAX_SPLITS))
+    if target == 1:
+        return 1
+    per_split = -(-max_seq_len // target)
+    per_split = -(-per_split // block_n) * block_n
+    return max(1, -(-max_seq_len // per_split))
 
 
 def _block_n(page: int, head_dim: int, elem_bytes: int) -> int:
     # Several pages per tile keeps enough bytes in flight per program; at least one page.
     return max(page, 64 if head_dim * elem_bytes <= 256 else 32)
+
+
+def _check_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    num_heads, num_kv_heads, page = q.shape[1], k_cache.shape[2], k_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    if page < 16 or page & (page - 1):
+        raise ValueError(f"block size must be a power of two >= 16, got {page}")
+
+
+class DecodePlan:
+    """The decode launches of one step, worked out once and reused by every layer.
+
+    Everything that depends only on the step's metadata and the model's shapes is fixed here:
+    the split count, the grids, the constexprs, the merge scratch and the launchers. `run`
+    then costs one or two kernel launches. Build it for the tensors of the first layer; a
+    layer whose tensors have other shapes needs its own plan.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        max_seq_len: int | None = None,
+        num_splits: int | None = None,
+        block_n: int | None = None,
+        num_warps: int = 4,
+        num_stages: int = 2,
+    ) -> None:
+        _check_shapes(q, k_cache)
+        check_launchable(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        self.batch = batch = seq_lens.shape[0]
+        self.qsl, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
+        block_n = block_n or _block_n(page, head_dim, k_cache.element_size())
+        if num_splits is None:
+            length = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+            num_splits = choose_num_splits(batch, num_kv_heads, length, num_sms(q.device), block_n)
+        if not 1 <= num_splits <= 1024:
+            raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
+        self.num_splits = num_splits
+        block_d = next_pow2(head_dim)
+        self.mid_o = self.mid_lse = None
+        self.merge: StepLaunch | None = None
+        if num_splits > 1 and batch:
+            # One scratch for every layer: the layers run one after another on one stream.
+            rows = batch * num_heads * num_splits
+            self.mid_o = torch.empty(rows, block_d, device=q.device, dtype=torch.float32)
+            self.mid_lse = torch.empty(rows, device=q.device, dtype=torch.float32)
+            self.merge = StepLaunch(
+                _decode_merge_kernel, (batch, num_heads, 1),
+                dict(HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d),
+                num_warps=2,
+            )
+        group = num_heads // num_kv_heads
+        self.split = StepLaunch(
+            _decode_split_kernel, (batch, num_kv_heads, num_splits),
+            dict(GROUP=group, HEAD_DIM=head_dim, PAGE=page, SINGLE=num_splits == 1,
+                 BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+                 IEEE=k_cache.dtype == torch.float32),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        self.stride_bt = block_tables.stride(0)
+
+    def run(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Attention of the decode rows of `q` into `out` (other rows are not written)."""
+        self.launch(launch_key(q, k_cache, v_cache, out), q, k_cache, v_cache, out, scale)
+
+    def launch(
+        self, key: object, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        out: torch.Tensor, scale: float,
+    ) -> None:
+        """`run` with the `StepLaunch` key given: it must cover q, the caches and out."""
+        if self.batch == 0 or q.shape[0] == 0:
+            return
+        qs, ks, vs, ost = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+        mid_o = out if self.mid_o is None else self.mid_o  # unused by the single-split variant
+        mid_lse = out if self.mid_lse is None else self.mid_lse
+        self.split(
+            key, q, k_cache, v_cache, self.qsl, self.seq_lens, self.block_tables,
+            out, mid_o, mid_lse, scale * LOG2E, self.num_splits,
+            qs[0], qs[1], ost[0], ost[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], self.stride_bt,
+        )
+        if self.merge is not None:
+            self.merge(key, self.qsl, out, mid_o, mid_lse, self.num_splits, ost[0], ost[1])
 
 
 def paged_decode_attention(
@@ -139,47 +250,13 @@ def paged_decode_attention(
 
     Shapes as in `llmserve.kernels.ref`. `max_seq_len` (a host int, no sync) picks the number
     of splits; give `num_splits` to fix it (e.g. for CUDA-graph capture). `block_n`,
-    `num_warps`, `num_stages` override the launch configuration (for tuning).
+    `num_warps`, `num_stages` override the launch configuration (for tuning). A caller that
+    runs many layers over one step's metadata builds a `DecodePlan` once instead.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, _ = k_cache.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
-    if page < 16 or page & (page - 1):
-        raise ValueError(f"block size must be a power of two >= 16, got {page}")
-    check_launchable(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
-    batch = seq_lens.shape[0]
-    out = torch.empty_like(q) if out is None else out
-    if batch == 0 or num_tokens == 0:
-        return out
-    group = num_heads // num_kv_heads
-    if num_splits is None:
-        length = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
-        num_splits = choose_num_splits(batch, num_kv_heads, length, num_sms(q.device))
-    if not 1 <= num_splits <= 1024:
-        raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
-    block_d = next_pow2(head_dim)
-    if num_splits > 1:
-        rows = batch * num_heads * num_splits
-        mid_o = torch.empty(rows, block_d, device=q.device, dtype=torch.float32)
-        mid_lse = torch.empty(rows, device=q.device, dtype=torch.float32)
-    else:
-        mid_o = mid_lse = out  # unused by the single-split variant
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-        out, mid_o, mid_lse, scale * LOG2E, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, PAGE=page, SINGLE=num_splits == 1,
-        BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d,
-        BLOCK_N=block_n or _block_n(page, head_dim, k_cache.element_size()),
-        IEEE=k_cache.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+    plan = DecodePlan(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_seq_len=max_seq_len,
+        num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
-        _decode_merge_kernel[(batch, num_heads)](
-            query_start_loc, out, mid_o, mid_lse, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d, num_warps=2,
-        )
+    out = torch.empty_like(q) if out is None else out
+    plan.launch(None, q, k_cache, v_cache, out, scale)  # one launch: nothing to relaunch
     return out

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from llmserve.kernels.attention_tile import attend_tile
-from llmserve.kernels.common import check_launchable, next_pow2
+from llmserve.kernels.common import StepLaunch, check_launchable, launch_key, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -82,6 +82,74 @@ def _default_blocks(head_dim: int, page: int, elem_bytes: int) -> tuple[int, int
     return (64, max(page, 64)) if wide else (32, max(page, 32))
 
 
+class ExtendPlan:
+    """The extend launch of one step, worked out once and reused by every layer.
+
+    Grid, tile sizes and constexprs depend only on the step's metadata and the model's shapes;
+    `run` is then one kernel launch. A layer whose tensors have other shapes needs its own plan.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        max_query_len: int,
+        skip_decode_rows: bool = False,
+        block_m: int | None = None,
+        block_n: int | None = None,
+        num_warps: int = 4,
+        num_stages: int = 2,
+    ) -> None:
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads"
+            )
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"block size must be a power of two >= 16, got {page}")
+        check_launchable(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
+        self.qsl, self.seq_lens, self.block_tables = query_start_loc, seq_lens, block_tables
+        batch = seq_lens.shape[0]
+        self.empty = batch == 0 or max_query_len <= 0
+        default_m, default_n = _default_blocks(head_dim, page, k_cache.element_size())
+        block_m, block_n = block_m or default_m, block_n or default_n
+        grid = (num_heads, triton.cdiv(max(max_query_len, 1), block_m), batch)
+        self.kernel = StepLaunch(
+            _extend_kernel, grid,
+            dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
+                 MIN_Q_LEN=2 if skip_decode_rows else 1, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_D=next_pow2(head_dim), IEEE=k_cache.dtype == torch.float32),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        self.stride_bt = block_tables.stride(0)
+
+    def run(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Causal attention of the query rows of `q` into `out`."""
+        self.launch(launch_key(q, k_cache, v_cache, out), q, k_cache, v_cache, out, scale)
+
+    def launch(
+        self, key: object, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        out: torch.Tensor, scale: float,
+    ) -> None:
+        """`run` with the `StepLaunch` key given: it must cover q, the caches and out."""
+        if self.empty or q.shape[0] == 0:
+            return
+        qs, ks, vs, ost = q.stride(), k_cache.stride(), v_cache.stride(), out.stride()
+        self.kernel(
+            key, q, k_cache, v_cache, self.qsl, self.seq_lens, self.block_tables, out,
+            scale * LOG2E, qs[0], qs[1], ost[0], ost[1], ks[0], ks[1], ks[2], vs[0], vs[1],
+            vs[2], self.stride_bt,
+        )
+
+
 def extend_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -102,29 +170,13 @@ def extend_attention(
 
     Shapes as in `llmserve.kernels.ref`; `max_query_len` is a host int (no device sync) that
     sizes the grid. With `skip_decode_rows`, single-token rows are left for the decode kernel.
+    A caller that runs many layers over one step's metadata builds an `ExtendPlan` once instead.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, _ = k_cache.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
-    if page < 16 or page & (page - 1):
-        raise ValueError(f"block size must be a power of two >= 16, got {page}")
-    check_launchable(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
-    out = torch.empty_like(q) if out is None else out
-    batch = seq_lens.shape[0]
-    if batch == 0 or num_tokens == 0 or max_query_len <= 0:
-        return out
-    default_m, default_n = _default_blocks(head_dim, page, k_cache.element_size())
-    block_m, block_n = block_m or default_m, block_n or default_n
-    grid = (num_heads, triton.cdiv(max_query_len, block_m), batch)
-    _extend_kernel[grid](
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out, scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page,
-        MIN_Q_LEN=2 if skip_decode_rows else 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_pow2(head_dim),
-        IEEE=k_cache.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    plan = ExtendPlan(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_query_len,
+        skip_decode_rows=skip_decode_rows, block_m=block_m, block_n=block_n,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    out = torch.empty_like(q) if out is None else out
+    plan.launch(None, q, k_cache, v_cache, out, scale)  # one launch: nothing to relaunch
     return out

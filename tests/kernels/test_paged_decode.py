@@ -61,7 +61,8 @@ def test_decode_leaves_rows_with_several_queries_untouched(paged_batch, tol):
 
 
 def test_num_splits_fills_the_gpu_for_small_batches_and_stays_one_for_large():
-    assert choose_num_splits(batch=1, num_kv_heads=8, max_seq_len=16384, sms=132) == 33
+    # 2 x 132 programs over 8 KV heads asks for 33 slices; 32 of 512 tokens cover 16k exactly.
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_seq_len=16384, sms=132) == 32
     assert choose_num_splits(batch=1, num_kv_heads=8, max_seq_len=512, sms=132) == 2
     assert choose_num_splits(batch=1, num_kv_heads=1, max_seq_len=10**6, sms=132) == 64
     assert choose_num_splits(batch=256, num_kv_heads=8, max_seq_len=16384, sms=132) == 1
@@ -84,3 +85,22 @@ def test_decode_rejects_head_counts_that_do_not_divide(paged_batch):
             batch.q[:, :3], batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
             batch.block_tables, batch.scale,
         )
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_num_splits_cut_the_longest_context_into_whole_tiles_and_no_empty_slice(block_n):
+    for batch in (1, 2, 3, 8, 16, 40):
+        for kv_heads in (1, 2, 8):
+            for length in (1, 255, 256, 511, 1000, 4096, 16384, 100_003):
+                n = choose_num_splits(batch, kv_heads, length, sms=132, block_n=block_n)
+                assert 1 <= n <= 64
+                if n == 1:
+                    continue
+                # The kernel's own slice length for the longest sequence.
+                per_split = _cdiv(_cdiv(length, n), block_n) * block_n
+                assert per_split >= 256, (batch, kv_heads, length, n)
+                assert (n - 1) * per_split < length <= n * per_split, (batch, kv_heads, length, n)

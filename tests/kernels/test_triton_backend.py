@@ -64,3 +64,31 @@ def test_decode_only_and_single_prefill_batches_match_torch_backend(
 
 def test_backend_registry_resolves_triton():
     assert get_attention_backend("triton") is triton_attention
+
+
+def test_one_plan_serves_every_layer_of_a_step(paged_batch, tol):
+    """Layers share the step's plan (built by the first) and each still gets its own answer."""
+    q_lens, seq_lens = [1, 9, 1], [300, 9, 33]
+    layers = [_step(paged_batch, q_lens, seq_lens, torch.float32) for _ in range(3)]
+    meta = layers[0][4]
+    plans = []
+    for batch, q, k, v, _ in layers:
+        want = torch_attention(q, k, v, batch.k_cache.clone(), batch.v_cache.clone(), meta,
+                               batch.scale)
+        got = triton_attention(q, k, v, batch.k_cache, batch.v_cache, meta, batch.scale)
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+        plans.append(meta.backend_cache["triton"])
+    assert plans[0] is plans[1] is plans[2]
+
+
+def test_a_layer_with_another_head_layout_gets_its_own_plan(paged_batch, tol):
+    q_lens, seq_lens = [1, 5], [40, 5]
+    batch, q, k, v, meta = _step(paged_batch, q_lens, seq_lens, torch.float32, head_dim=64)
+    triton_attention(q, k, v, batch.k_cache, batch.v_cache, meta, batch.scale)
+    first = meta.backend_cache["triton"]
+    other, q2, k2, v2, _ = _step(paged_batch, q_lens, seq_lens, torch.float32, head_dim=32)
+    want = torch_attention(q2, k2, v2, other.k_cache.clone(), other.v_cache.clone(), meta,
+                           other.scale)
+    got = triton_attention(q2, k2, v2, other.k_cache, other.v_cache, meta, other.scale)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    assert meta.backend_cache["triton"] is not first
