@@ -23,6 +23,15 @@ class HostStaging:
         """Switch to the other set of buffers (call once per step, before its `put`s)."""
         self._turn ^= 1
 
+    def host_buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host tensor of `numel` elements from this step's set (device-to-host copies)."""
+        buffers = self._sets[self._turn]
+        buf = buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            size = max(numel, 2 * (buf.numel() if buf is not None else 0), 256)
+            buf = buffers[name] = torch.empty(size, dtype=dtype, pin_memory=True)
+        return buf[:numel]
+
     def put(self, name: str, array: np.ndarray) -> torch.Tensor:
         """`array` as a tensor on the device (the same memory on CPU)."""
         if not self.on_cuda:

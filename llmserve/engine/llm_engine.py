@@ -13,6 +13,7 @@ from llmserve.engine.kv_cache_manager import KVCacheManager
 from llmserve.engine.model_runner import InFlightStep
 from llmserve.engine.output_processor import OutputProcessor
 from llmserve.engine.request import Request, RequestStatus
+from llmserve.engine.sampler import needs_output_history
 from llmserve.engine.scheduler import Scheduler
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
@@ -230,7 +231,7 @@ class LLMEngine:
     def _needs_history(self) -> bool:
         """Whether a running request samples from its full output history (penalties,
         min_tokens): then the step in flight is read before the next one is scheduled."""
-        return any(r.num_output_placeholders and r.samples_from_history
+        return any(r.num_output_placeholders and needs_output_history(r)
                    for r in self.scheduler.running)
 
     def _complete(self, inflight: InFlightStep, work: dict[str, tuple[int, int]]

@@ -95,16 +95,6 @@ class Request:
         return len(self.output_token_ids)
 
     @property
-    def samples_from_history(self) -> bool:
-        """Whether sampling its next token reads its earlier outputs (penalties, min_tokens):
-        then a step must not be launched before the previous step's tokens are appended."""
-        sp = self.sampling_params
-        return (
-            sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0
-            or sp.frequency_penalty != 0.0 or self.num_output_tokens < sp.min_tokens
-        )
-
-    @property
     def is_finished(self) -> bool:
         return self.status.finished
 
