@@ -30,26 +30,10 @@ from llmserve.distributed.parallel_state import get_tp_world_size, rank_device
 from llmserve.engine.host_staging import HostStaging
 from llmserve.engine.input_batch import InputBatch, StepArrays
 from llmserve.engine.request import Request
-from llmserve.engine.sampler import Sampler, SamplerOutput
-
-try:  # TEMPORARY until the sampler's sample()/PendingSample land
-    from llmserve.engine.sampler import PendingSample
-except ImportError:  # pragma: no cover
-    class PendingSample:  # type: ignore[no-redef]
-        def __init__(self, out: SamplerOutput, device: torch.device) -> None:
-            self._out = out
-            self.token_ids = torch.tensor(out.token_ids, dtype=torch.long, device=device)
-
-        def to_host(self) -> SamplerOutput:
-            return self._out
-
-    def _sample(self, logits, requests):
-        return PendingSample(self(logits, requests), logits.device)
-
-    if not hasattr(Sampler, "sample"):
-        Sampler.sample = _sample
+from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.layers.attention import Attention
+from llmserve.models.cpu_fast_path import optimize_for_cpu
 from llmserve.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -85,6 +69,8 @@ class ModelRunner:
         hf_config = config.model.hf_config
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model.model, hf_config, self.dtype, self.device)
+        # On CPU in fp32: the small ops between the matmuls as native kernels (a no-op elsewhere).
+        optimize_for_cpu(self.model, eager=config.enforce_eager)
         self.vocab_size = int(self.model.config["vocab_size"])
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._decide_num_blocks()

@@ -6,7 +6,8 @@ The library is cached per user under `$LLMSERVE_CACHE/native` (default
 with -march=native), and written under a temporary name then renamed, so processes building at
 once never load a half-written file. Whenever it cannot be used (LLMSERVE_NATIVE_KERNELS=0, no
 compiler, a failed build, another OS) `load()` returns None, says why once in the log, and
-callers stay on the pure-torch path.
+callers stay on the pure-torch path. `build(source=...)` builds and caches other C sources the
+same way (the fused element-wise ops of `cpu_fused`).
 """
 
 from __future__ import annotations
@@ -87,47 +88,48 @@ def _machine_id() -> str:
     return "\n".join(ident)
 
 
-def build(directory: Path | None = None) -> Path:
-    """Path of the compiled library, compiling it first unless a build for this source, compiler,
-    flags and CPU is cached. Raises NativeUnavailable."""
+def build(directory: Path | None = None, source: Path | None = None) -> Path:
+    """Path of the compiled library of `source` (default: the decode kernel), compiling it first
+    unless a build for this source, compiler, flags and CPU is cached. Raises NativeUnavailable."""
+    source = source or SOURCE
     cc = find_compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler found (looked for sysconfig CC and cc)")
     directory = directory or cache_dir()
     real = os.path.realpath(cc)
     stat = os.stat(real)
-    ident = (SOURCE.read_bytes(), real, stat.st_size, stat.st_mtime_ns, _machine_id())
+    ident = (source.read_bytes(), real, stat.st_size, stat.st_mtime_ns, _machine_id())
     targets = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(repr((ident, flags)).encode()).hexdigest()[:20]
-        targets.append((flags, directory / f"paged_decode-{key}.so"))
+        targets.append((flags, directory / f"{source.stem}-{key}.so"))
     for _, target in targets:
         if target.exists():
             return target
     errors = []
     for flags, target in targets:
         try:
-            _compile(cc, flags, target)
+            _compile(cc, flags, target, source)
             return target
         except NativeUnavailable as exc:
             errors.append(str(exc))
     raise NativeUnavailable("; ".join(errors))
 
 
-def _compile(cc: str, flags: tuple[str, ...], target: Path) -> None:
+def _compile(cc: str, flags: tuple[str, ...], target: Path, source: Path) -> None:
     """Compile to a temporary name and rename: concurrent builders never expose a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+            [cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=120
         )
         if done.returncode:
             raise NativeUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)  # atomic; a concurrent builder's identical file may be replaced
-        logger.info("built native CPU attention kernel %s", target)
+        logger.info("built native CPU kernels %s", target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,6 +8,8 @@ row-parallel (one all-reduce each per layer), the embedding and LM head vocab-pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -119,8 +121,12 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(self.layer_cls(cfg) for _ in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+        # Set by `llmserve.models.cpu_fast_path.optimize_for_cpu`: the fused CPU forward.
+        self.fused_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.fused_forward is not None:
+            return self.fused_forward(input_ids, positions)
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:

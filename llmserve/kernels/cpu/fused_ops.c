@@ -1,0 +1,135 @@
+/* Fused element-wise ops of a decoder layer on CPU, fp32: the small ops between the matmuls.
+ *
+ * In eager PyTorch each of these is several ops (an RMSNorm alone is six), and at decode sizes
+ * every op costs more in framework dispatch than in arithmetic. Here each is one pass over the
+ * rows, called once per layer through ctypes by llmserve/kernels/cpu_fused.py.
+ *
+ * Built like paged_decode.c: -O3 -march=native -ffp-contract=fast -fopenmp-simd, no -ffast-math,
+ * so sums are reordered only where the source says so (the `omp simd` reductions) and a * b + c
+ * may become one fused multiply-add. Results match the torch ops to float rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* h = x + residual (stored into `sum`, which may alias either input) when residual is not NULL,
+ * else h = x; out = h * rsqrt(mean(h^2) + eps) * weight. Row strides in floats; `dim` contiguous.
+ * The mean is taken in float32, as torch's and Hugging Face's RMSNorm do for float32 inputs. */
+void llmserve_add_rms_norm_f32(float *out, int64_t out_stride, float *sum, int64_t sum_stride,
+                               const float *x, int64_t x_stride, const float *residual,
+                               int64_t res_stride, const float *weight, int64_t rows, int64_t dim,
+                               float eps)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        const float *h = xr;
+        if (residual) {
+            float *sr = sum + r * sum_stride;
+            const float *rr = residual + r * res_stride;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++)
+                sr[i] = xr[i] + rr[i];
+            h = sr;
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; i++)
+            ss += h[i] * h[i];
+        const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        float *o = out + r * out_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++)
+            o[i] = weight[i] * (h[i] * inv);
+    }
+}
+
+/* One head in place: optional per-head RMSNorm (weight not NULL), then neox rotary with the
+ * cos (first half) and sin (second half) of this token's cache row. */
+static inline void norm_rope_head(float *restrict x, const float *restrict weight, float eps,
+                                  const float *restrict cs, int64_t D)
+{
+    if (weight) {
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < D; i++)
+            ss += x[i] * x[i];
+        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < D; i++)
+            x[i] = weight[i] * (x[i] * inv);
+    }
+    const int64_t half = D / 2;
+    const float *cos = cs, *sin = cs + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/* q/k norm (when the weights are given) and rotary of the q and k heads of a fused qkv output,
+ * in place. Row t holds num_heads q heads then num_kv_heads k heads, each head_dim wide, from
+ * qkv + t * row_stride. cos_sin: [max_position, head_dim] (cos | sin halves). Returns 0, or -1
+ * when a position is outside the cache (nothing past that row is written). */
+int llmserve_qk_norm_rope_f32(float *qkv, int64_t row_stride, int64_t rows, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, const float *q_weight,
+                              const float *k_weight, float eps, const float *cos_sin,
+                              int64_t max_position, const int64_t *positions)
+{
+    for (int64_t t = 0; t < rows; t++) {
+        const int64_t pos = positions[t];
+        if (pos < 0 || pos >= max_position)
+            return -1;
+        const float *cs = cos_sin + pos * head_dim;
+        float *row = qkv + t * row_stride;
+        for (int64_t h = 0; h < num_heads; h++)
+            norm_rope_head(row + h * head_dim, q_weight, eps, cs, head_dim);
+        for (int64_t h = 0; h < num_kv_heads; h++)
+            norm_rope_head(row + (num_heads + h) * head_dim, k_weight, eps, cs, head_dim);
+    }
+    return 0;
+}
+
+/* e^x over the whole float range, vectorisable: Cody-Waite reduction x = n ln2 + r and the
+ * Cephes expf polynomial (within 2 ulp of expf). x is clamped to [-87.3, 88.7]: e^x then stays
+ * a normal float (underflow gives ~1e-38, not 0; overflow saturates at ~3.3e38, not inf). The
+ * two ends only matter to SiLU as g / (1 + e^-g), which is then -0-ish or g, as it should be. */
+static inline float exp_clamped(float x)
+{
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    /* Adding 1.5 * 2^23 rounds x/ln2 to an integer n, which lands in the low mantissa bits. */
+    const float shifted = x * 1.44269504088896341f + 12582912.0f;
+    const float n = shifted - 12582912.0f;
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field. */
+    uint32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    const int32_t ni = (int32_t)(bits - 0x4B400000u);
+    uint32_t b1 = (uint32_t)(ni / 2 + 127) << 23, b2 = (uint32_t)(ni - ni / 2 + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &b1, sizeof s1);
+    memcpy(&s2, &b2, sizeof s2);
+    return p * s1 * s2;
+}
+
+/* out[r] = silu(x[r, :d]) * x[r, d:2d]: SiLU of the gate half times the up half of a fused
+ * gate/up projection. x row stride in floats; out is [rows, d] contiguous. */
+void llmserve_silu_and_mul_f32(float *out, const float *x, int64_t x_stride, int64_t rows,
+                               int64_t d)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = x + r * x_stride, *up = gate + d;
+        float *o = out + r * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++)
+            o[i] = gate[i] / (1.0f + exp_clamped(-gate[i])) * up[i];
+    }
+}

@@ -1,0 +1,162 @@
+"""Fused element-wise CPU ops (`cpu/fused_ops.c`): RMSNorm with residual add, q/k norm with
+rotary, SiLU-and-mul. fp32 only, built and cached like the native decode kernel
+(`llmserve.kernels.cpu_native`) and honouring the same LLMSERVE_NATIVE_KERNELS switch.
+
+Each op is one C call where eager torch runs several small ops; at decode sizes those ops cost
+far more in dispatch than in arithmetic. The wrappers check what the kernels assume (fp32, CPU,
+unit-stride rows) and raise ValueError otherwise; callers that cannot meet it stay on torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmserve.kernels import cpu_native
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu") / "fused_ops.c"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    # (out, out stride, sum, sum stride, x, x stride, residual, its stride, weight, rows, dim, eps)
+    "llmserve_add_rms_norm_f32": ([_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _F], None),
+    # (qkv, row stride, rows, heads, kv heads, head_dim, q weight, k weight, eps, cos_sin,
+    #  max position, positions) -> 0 or -1 (position out of range)
+    "llmserve_qk_norm_rope_f32": ([_P, _I, _I, _I, _I, _I, _P, _P, _F, _P, _I, _P], ctypes.c_int),
+    # (out, x, x row stride, rows, d)
+    "llmserve_silu_and_mul_f32": ([_P, _P, _I, _I, _I], None),
+}
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """The loaded C functions (ctypes), argument types set."""
+
+    add_rms_norm: Any
+    qk_norm_rope: Any
+    silu_and_mul: Any
+
+
+@functools.cache
+def load() -> FusedOps | None:
+    """The fused kernels, or None when they cannot be used here (reason logged once).
+
+    Cached for the process; tests call `load.cache_clear()` after changing the environment.
+    """
+    if os.environ.get(cpu_native.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        logger.info("native CPU kernels disabled by %s; fused CPU ops off", cpu_native.ENV_SWITCH)
+        return None
+    if sys.platform not in ("linux", "darwin"):
+        logger.info("fused CPU ops are built on Linux and macOS only; using torch ops")
+        return None
+    try:
+        lib = ctypes.CDLL(str(cpu_native.build(source=SOURCE)))
+        fns = []
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+            fns.append(fn)
+    except Exception as exc:  # any failure here must leave the caller on torch ops
+        logger.warning("fused CPU ops unavailable, using torch ops: %s", exc)
+        return None
+    return FusedOps(*fns)
+
+
+def _check(t: torch.Tensor, name: str, dims: int) -> None:
+    if not t.is_cpu or t.dtype != torch.float32 or t.dim() != dims or t.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: expected a {dims}-d float32 CPU tensor with unit last stride, "
+            f"got {tuple(t.shape)} {t.dtype} on {t.device} strides {t.stride()}"
+        )
+
+
+def _ops() -> FusedOps:
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the fused CPU ops are not available (see the logged reason)")
+    return ops
+
+
+def add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x + residual) * weight, x + residual) as `ref.rms_norm`, for [rows, dim] float32.
+
+    The sum is written into `residual` in place (the caller's residual buffer is consumed).
+    """
+    _check(x, "x", 2)
+    _check(weight, "weight", 1)
+    rows, dim = x.shape
+    if weight.shape[0] != dim or not weight.is_contiguous():
+        raise ValueError(f"weight: expected {dim} contiguous values, got {tuple(weight.shape)}")
+    if residual is not None:
+        _check(residual, "residual", 2)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x {tuple(x.shape)}")
+    out = torch.empty(rows, dim, dtype=torch.float32) if out is None else out
+    _check(out, "out", 2)
+    res_ptr = residual.data_ptr() if residual is not None else None
+    res_stride = residual.stride(0) if residual is not None else 0
+    _ops().add_rms_norm(
+        out.data_ptr(), out.stride(0), res_ptr, res_stride, x.data_ptr(), x.stride(0),
+        res_ptr, res_stride, weight.data_ptr(), rows, dim, eps,
+    )
+    return out, residual
+
+
+def qk_norm_rope_(
+    qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, num_heads: int,
+    num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None, eps: float = 1e-6,
+) -> torch.Tensor:
+    """In place on the q and k heads at the front of each [rows, width] qkv row: per-head RMSNorm
+    (when the weights are given) then neox rotary at `positions`. Returns qkv."""
+    _check(qkv, "qkv", 2)
+    _check(cos_sin_cache, "cos_sin_cache", 2)
+    if not cos_sin_cache.is_contiguous() or cos_sin_cache.shape[1] != head_dim or head_dim % 2:
+        raise ValueError(f"cos_sin_cache must be contiguous [max_position, {head_dim}] (even head_dim)")
+    if qkv.shape[1] < (num_heads + num_kv_heads) * head_dim:
+        raise ValueError(f"qkv rows of {qkv.shape[1]} cannot hold {num_heads}+{num_kv_heads} heads")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q and k norm weights or neither")
+    for w in (q_weight, k_weight):
+        if w is not None:
+            _check(w, "norm weight", 1)
+            if w.shape[0] != head_dim or not w.is_contiguous():
+                raise ValueError(f"norm weights must hold head_dim={head_dim} contiguous values")
+    pos = positions.to(torch.int64).contiguous()
+    if pos.shape != (qkv.shape[0],):
+        raise ValueError(f"positions shape {tuple(positions.shape)} != ({qkv.shape[0]},)")
+    status = _ops().qk_norm_rope(
+        qkv.data_ptr(), qkv.stride(0), qkv.shape[0], num_heads, num_kv_heads, head_dim,
+        q_weight.data_ptr() if q_weight is not None else None,
+        k_weight.data_ptr() if k_weight is not None else None, eps,
+        cos_sin_cache.data_ptr(), cos_sin_cache.shape[0], pos.data_ptr(),
+    )
+    if status:
+        raise IndexError(f"a position is outside the rotary cache of {cos_sin_cache.shape[0]} rows")
+    return qkv
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(gate) * up of a [rows, 2 * d] fused gate/up projection, as `ref.silu_and_mul`."""
+    _check(x, "x", 2)
+    rows, width = x.shape
+    if width % 2:
+        raise ValueError(f"gate/up width {width} is odd")
+    out = torch.empty(rows, width // 2, dtype=torch.float32) if out is None else out
+    _check(out, "out", 2)
+    if not out.is_contiguous() or out.shape != (rows, width // 2):
+        raise ValueError(f"out must be contiguous [{rows}, {width // 2}]")
+    _ops().silu_and_mul(out.data_ptr(), x.data_ptr(), x.stride(0), rows, width // 2)
+    return out

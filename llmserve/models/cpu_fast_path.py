@@ -1,0 +1,166 @@
+"""The fused CPU forward of the Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in fp32.
+
+Eager PyTorch on CPU pays a few microseconds of dispatch per op, and a decoder layer is a few
+dozen small ops: at decode sizes that, not arithmetic, is the step time. This forward keeps the
+matmuls in torch (threaded GEMM) and the attention in its backend (native paged decode), and
+does everything between them in one C call each (`llmserve.kernels.cpu_fused`): RMSNorm with the
+residual add, q/k norm with rotary, SiLU-and-mul. It also walks the layers directly rather than
+through nn.Module calls. It was chosen over torch.compile (inductor) by measurement on the small
+Qwen3 of benchmarks/cpu_decode_latency.py: compiling each layer's non-attention blocks (dynamic
+batch) cost more CPU per forward than even eager, and 3 minutes to compile cold on a busy 2-core
+machine, where these C kernels build in under a second and are cached like the decode kernel.
+
+`optimize_for_cpu(model, eager=...)` switches a loaded model to it when it applies; eager stays
+available through `eager=True` (the engine's `enforce_eager`) or LLMSERVE_CPU_FAST_PATH=0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.kernels import cpu_fused
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "LLMSERVE_CPU_FAST_PATH"
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights as the fused forward reads them."""
+
+    in_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    cos_sin: torch.Tensor
+    attn: nn.Module
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+class FusedCPUForward:
+    """`LlamaModel.forward` with the element-wise ops fused (fp32, CPU, one rank).
+
+    Not an nn.Module on purpose: it holds references to the model's own weights and attention
+    layers, and must not show up in `model.modules()` or the state dict a second time.
+    """
+
+    def __init__(self, model: nn.Module, ops: cpu_fused.FusedOps) -> None:
+        self.ops = ops
+        self.embed_w = model.embed_tokens.weight
+        self.final_norm = model.norm.weight
+        self.eps = float(model.norm.eps)
+        first = model.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
+        self.q_size, self.kv_size = first.q_size, first.kv_size
+        self.layers = [self._layer(layer) for layer in model.layers]
+
+    @staticmethod
+    def _layer(layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return _Layer(
+            in_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
+            qkv_w=attn.qkv_proj.weight, qkv_b=attn.qkv_proj.bias,
+            q_norm=attn.q_norm.weight if attn.qk_norm else None,
+            k_norm=attn.k_norm.weight if attn.qk_norm else None,
+            cos_sin=attn.rotary_emb.cos_sin_cache, attn=attn.attn,
+            o_w=attn.o_proj.weight, o_b=attn.o_proj.bias,
+            gate_up_w=mlp.gate_up_proj.weight, gate_up_b=mlp.gate_up_proj.bias,
+            down_w=mlp.down_proj.weight, down_b=mlp.down_proj.bias,
+        )
+
+    def _norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """norm(x + residual) * weight; the sum goes into `residual` in place."""
+        rows, dim = x.shape
+        out = torch.empty(rows, dim, dtype=torch.float32)
+        res_ptr = residual.data_ptr() if residual is not None else None
+        res_stride = residual.stride(0) if residual is not None else 0
+        self.ops.add_rms_norm(
+            out.data_ptr(), dim, res_ptr, res_stride, x.data_ptr(), x.stride(0), res_ptr,
+            res_stride, weight.data_ptr(), rows, dim, self.eps,
+        )
+        return out
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # F.embedding returns a new tensor: it becomes the residual stream, updated in place.
+        residual = F.embedding(input_ids, self.embed_w)
+        rows = residual.shape[0]
+        # Held in a local for the whole forward: the kernels read it through a raw pointer.
+        pos = (positions if positions.dtype == torch.int64 else positions.long()).contiguous()
+        pos_ptr = pos.data_ptr()
+        hidden = None
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        ops = self.ops
+        for layer in self.layers:
+            h = self._norm(residual if hidden is None else hidden,
+                           None if hidden is None else residual, layer.in_norm)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            status = ops.qk_norm_rope(
+                qkv.data_ptr(), qkv.stride(0), rows, heads, kv_heads, head_dim,
+                layer.q_norm.data_ptr() if layer.q_norm is not None else None,
+                layer.k_norm.data_ptr() if layer.k_norm is not None else None, self.eps,
+                layer.cos_sin.data_ptr(), layer.cos_sin.shape[0], pos_ptr,
+            )
+            if status:
+                raise IndexError(f"a position is beyond the rotary cache ({layer.cos_sin.shape[0]} rows)")
+            attn = layer.attn(qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
+            h = self._norm(F.linear(attn, layer.o_w, layer.o_b), residual, layer.post_norm)
+            gate_up = F.linear(h, layer.gate_up_w, layer.gate_up_b)
+            act = torch.empty(rows, gate_up.shape[1] // 2, dtype=torch.float32)
+            ops.silu_and_mul(act.data_ptr(), gate_up.data_ptr(), gate_up.stride(0), rows, act.shape[1])
+            hidden = F.linear(act, layer.down_w, layer.down_b)
+        return self._norm(hidden, residual, self.final_norm)
+
+
+def fast_path_blocker(model: nn.Module) -> str | None:
+    """Why the fused forward cannot run this model (None when it can)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not len(layers) or not hasattr(layers[0], "self_attn"):
+        return f"{type(model).__name__} is not a Llama-family decoder"
+    tensors = [t for t in model.parameters()] + [layers[0].self_attn.rotary_emb.cos_sin_cache]
+    if any(t.device.type != "cpu" for t in tensors):
+        return "the model is not on the CPU"
+    if any(t.dtype != torch.float32 for t in tensors):
+        return "the fused ops are float32 only"
+    if getattr(inner.embed_tokens, "tp_size", 1) != 1:
+        return "tensor parallelism runs the per-layer torch path"
+    if layers[0].self_attn.head_dim % 2:
+        return "rotary needs an even head_dim"
+    if cpu_fused.load() is None:
+        return "the fused CPU kernels are not available"
+    return None
+
+
+def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
+    """Give a loaded Llama-family model the fused CPU forward when it can run it; return whether
+    it now has it. `eager=True` (or LLMSERVE_CPU_FAST_PATH=0) puts the model back on the eager
+    per-op forward. Anything else (CUDA, fp16/bf16, tensor parallelism, no C compiler) keeps the
+    eager forward, with the reason logged."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        return False
+    inner.fused_forward = None
+    if eager or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    reason = fast_path_blocker(model)
+    if reason is not None:
+        if not any(p.is_cuda for p in model.parameters()):
+            logger.info("fused CPU forward off: %s", reason)
+        return False
+    inner.fused_forward = FusedCPUForward(inner, cpu_fused.load())
+    return True

@@ -1,0 +1,140 @@
+"""The fused CPU forward (`llmserve.models.cpu_fast_path`): token-exact against transformers in
+fp32, switchable back to eager, and off where it does not apply (fp16/bf16)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmserve import LLM, SamplingParams
+from llmserve.kernels import cpu_native
+from llmserve.models.cpu_fast_path import ENV_SWITCH, FusedCPUForward, optimize_for_cpu
+
+pytestmark = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler")
+
+MAX_TOKENS = 10
+ARCHS = {
+    "qwen3": ("qwen3", {"head_dim": 32}),  # q/k norm
+    "qwen2": ("qwen2", {}),  # q/k/v bias
+    "llama-tied-rope-llama3": ("llama", {
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    }),
+}
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    """The prompts of test_parity_transformers: 18 of 1..190 tokens, half sharing a 40-token
+    prefix (enough, with 24 blocks of 16, to force preemptions)."""
+    rng = random.Random(0)
+    prefix = [rng.randrange(3, vocab) for _ in range(40)]
+    out = []
+    for i, n in enumerate([1, 5, 17, 31, 32, 33, 48, 64, 90, 150, 7, 12, 45, 60, 80, 100, 3, 120]):
+        body = [rng.randrange(3, vocab) for _ in range(n)]
+        out.append(prefix + body if i % 2 else body)
+    return out
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int]) -> tuple[list[int], list[float]]:
+    ids, logprobs = list(prompt), []
+    for _ in range(MAX_TOKENS):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        token = int(logits.argmax())
+        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+        ids.append(token)
+    return ids[len(prompt):], logprobs
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def reference(request, checkpoint_factory):
+    arch, overrides = ARCHS[request.param]
+    path = checkpoint_factory(arch, **overrides)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    batch = prompts(vocab=400)
+    return path, batch, [hf_greedy(model, p) for p in batch]
+
+
+def fast_llm(path: str, **engine_args) -> LLM:
+    llm = LLM(path, dtype="float32", **engine_args)
+    assert optimize_for_cpu(llm.engine.runner.model)
+    assert isinstance(llm.engine.runner.model.model.fused_forward, FusedCPUForward)
+    return llm
+
+
+def generate(llm: LLM, batch: list[list[int]]):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+    return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+
+
+def assert_matches(outputs, expected) -> None:
+    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
+        completion = out.outputs[0]
+        assert completion.token_ids == tokens, f"prompt {i}"
+        got = [completion.logprobs[j][t].logprob for j, t in enumerate(completion.token_ids)]
+        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt {i}"
+
+
+def test_fused_forward_greedy_matches_transformers(reference):
+    path, batch, expected = reference
+    assert_matches(generate(fast_llm(path), batch), expected)
+
+
+def test_fused_forward_with_preemption_and_chunked_prefill_matches_transformers(reference):
+    path, batch, expected = reference
+    llm = fast_llm(path, num_kv_blocks=24, block_size=16)
+    assert_matches(generate(llm, batch), expected)
+    assert llm.stats()["num_preemptions"] > 0
+    assert llm.stats()["kv_blocks_free"] == 24
+    chunked = fast_llm(path, max_num_batched_tokens=24, enable_prefix_caching=False)
+    assert_matches(generate(chunked, batch), expected)
+
+
+def test_eager_switch_and_env_var_restore_the_per_op_forward(checkpoint_factory, monkeypatch):
+    llm = fast_llm(checkpoint_factory("qwen3", head_dim=32))
+    model = llm.engine.runner.model
+    assert not optimize_for_cpu(model, eager=True)
+    assert model.model.fused_forward is None
+    assert optimize_for_cpu(model)
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert not optimize_for_cpu(model)
+    assert model.model.fused_forward is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_stays_eager_and_generates(checkpoint_factory, dtype):
+    llm = LLM(checkpoint_factory("qwen3", head_dim=32), dtype=dtype)
+    assert not optimize_for_cpu(llm.engine.runner.model)
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_fused_forward_matches_the_eager_forward_on_a_prefill_and_decode_mix(checkpoint_factory):
+    """Fast and eager engines on the same weights give the same greedy tokens and logprobs
+    (to float rounding) on a batch mixing long prefills with decodes."""
+    path = checkpoint_factory("qwen3", head_dim=32)
+    batch = prompts(vocab=400)
+    fast = generate(fast_llm(path), batch)
+    eager = generate(LLM(path, dtype="float32"), batch)
+    for a, b in zip(fast, eager):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_a_model_off_the_cpu_keeps_its_forward():
+    """What a CUDA model meets (checked on the meta device, which no CPU kernel can read)."""
+    from llmserve.models.qwen3 import Qwen3ForCausalLM
+
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    assert not optimize_for_cpu(model)
+    assert model.model.fused_forward is None
