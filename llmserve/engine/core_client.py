@@ -1,10 +1,11 @@
-"""The frontend half of a process-separated engine: start the core, talk to it, stream its outputs.
+"""The frontend half of process mode: start the engine-core process, talk to it, read its reports.
 
-`EngineCoreClient` starts `engine_core.run_engine_core` in a spawned child process and holds what
-the frontend needs without the model: the config, the tokenizer, the served name.
-`MultiprocessAsyncEngine` is an `AsyncEngine` whose step thread is replaced by a reader thread:
-adds and aborts go straight down a pipe, and each message the core sends back is decoded and
-delivered to the event loops exactly as the in-process step thread would have delivered it.
+`EngineCoreClient.spawn` starts `engine_core.run_engine_core` in a spawned child process and
+returns a handle that holds what the frontend needs without the model: the config, the
+tokenizer, the served name. An `AsyncEngine` built on it (`AsyncEngine.from_args(
+engine_process=True)`) sends its commands down one pipe; a reader thread takes each report off
+the other, rebuilds the outputs from their wire deltas and hands the report to the AsyncEngine
+exactly as thread mode's step thread would have.
 
 Why a process: on a small model the engine's step is mostly Python and many small torch calls,
 which hold the GIL; in one process the HTTP/SSE work and the step share one interpreter lock, so
@@ -18,12 +19,29 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from llmserve.engine.async_engine import AsyncEngine, EngineDeadError, _call_soon, _PendingAdd
 from llmserve.engine.engine_core import run_engine_core
+from llmserve.engine.errors import EngineDeadError
+from llmserve.engine.messages import (
+    Added,
+    AddRequest,
+    Command,
+    CoreMessage,
+    Dead,
+    Failed,
+    Ready,
+    StepReport,
+    Stop,
+    Stopped,
+    dumps,
+    loads,
+)
 from llmserve.engine.output_wire import OutputDecoder
+
+if TYPE_CHECKING:
+    from llmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +49,8 @@ STARTUP_TIMEOUT_S = 600.0  # loading a large checkpoint can take minutes
 
 
 class EngineCoreClient:
-    """Handle on a running engine-core process (what `MultiprocessAsyncEngine.engine` is)."""
+    """Handle on a running engine-core process (what `AsyncEngine.engine` is in process mode);
+    a `messages.CoreHandle`."""
 
     def __init__(self, config: Any, tokenizer: Any, model_name: str, process: Any,
                  commands: Any, messages: Any) -> None:
@@ -44,10 +63,15 @@ class EngineCoreClient:
         self.messages = messages  # core -> frontend
         self._send_lock = threading.Lock()
         self._closed = False
+        self._reader: threading.Thread | None = None
+        self._decoder = OutputDecoder()
+        # Adds not answered yet whose text the frontend builds (no stop strings: the core sends
+        # only their tokens).
+        self._text_params: dict[str, SamplingParams] = {}
         atexit.register(self.shutdown, 1.0)
 
     @classmethod
-    def start(cls, engine_kwargs: dict[str, Any], cpu_threads: int | None = None,
+    def spawn(cls, engine_kwargs: dict[str, Any], cpu_threads: int | None = None,
               timeout: float = STARTUP_TIMEOUT_S) -> EngineCoreClient:
         """Validate the arguments here (fast, clear errors), start the core and wait until its
         engine is built. Raises what building the engine raised."""
@@ -73,11 +97,11 @@ class EngineCoreClient:
         client = cls(config, tokenizer, served_model_name(config.model.model), process,
                      commands_tx, messages_rx)
         try:
-            reply = client._await_ready(timeout)
+            info = client._await_ready(timeout)
         except BaseException:
             client.shutdown(1.0)
             raise
-        logger.info("engine core process %d ready (%s)", process.pid, reply)
+        logger.info("engine core process %d ready (%s)", process.pid, info)
         return client
 
     def _await_ready(self, timeout: float) -> dict:
@@ -88,19 +112,37 @@ class EngineCoreClient:
                     f"engine core process exited with code {self.process.exitcode} while starting")
             if time.monotonic() > deadline:
                 raise EngineDeadError(f"engine core did not start within {timeout:.0f} s")
-        message = self.messages.recv()
-        if message[0] == "failed":
-            raise message[1]
-        if message[0] != "ready":
-            raise EngineDeadError(f"unexpected first message from the engine core: {message[0]!r}")
-        return message[1]
+        message = loads(self.messages.recv_bytes())
+        if isinstance(message, Failed):
+            raise message.error
+        if not isinstance(message, Ready):
+            raise EngineDeadError(
+                f"unexpected first message from the engine core: {type(message).__name__}")
+        return message.info
 
-    def send(self, command: tuple) -> None:
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def start(self, deliver: Callable[[CoreMessage], None]) -> None:
+        """Start the thread that reads the core's reports and hands them to `deliver`."""
+        if self._reader is not None:
+            return
+        self._reader = threading.Thread(target=self._read, args=(deliver,),
+                                        name="llmserve-engine", daemon=True)
+        self._reader.start()
+
+    def send(self, command: Command) -> None:
         """Send a command (thread-safe). Raises EngineDeadError if the core is gone."""
+        rid = command.request_id if isinstance(command, AddRequest) else None
+        if rid is not None and not command.params.stop:
+            self._text_params[rid] = command.params
+        data = dumps(command)
         try:
             with self._send_lock:
-                self.commands.send(command)
+                self.commands.send_bytes(data)
         except (OSError, ValueError) as exc:  # broken pipe, or our end already closed
+            self._text_params.pop(rid, None)
             raise EngineDeadError(f"engine core process is gone ({exc})") from exc
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -109,7 +151,7 @@ class EngineCoreClient:
             return
         self._closed = True
         try:
-            self.send(("stop",))
+            self.send(Stop())
         except EngineDeadError:
             pass
         self.process.join(timeout)
@@ -119,116 +161,39 @@ class EngineCoreClient:
             self.process.join(5.0)
         self.commands.close()
         atexit.unregister(self.shutdown)
-
-
-class MultiprocessAsyncEngine(AsyncEngine):
-    """`AsyncEngine` over an engine-core process; same API, streams and observer hooks."""
-
-    engine: EngineCoreClient
-
-    def __init__(self, client: EngineCoreClient, max_queued_requests: int = 1024) -> None:
-        super().__init__(client, max_queued_requests=max_queued_requests)  # type: ignore[arg-type]
-        self._unacked: dict[str, _PendingAdd] = {}  # sent to the core, no reply yet
-        self._decoder = OutputDecoder()
-
-    @property
-    def core_pid(self) -> int | None:
-        return self.engine.process.pid
-
-    def _enqueue(self, pending: _PendingAdd) -> None:
-        # `_applying` counts the adds the core has not answered yet, so the base class's
-        # admission check counts them as waiting.
-        with self._cond:
-            self._check_admission()
-            rid = pending.stream.request_id
-            self._unacked[rid] = pending
-            self._applying = len(self._unacked)
-        try:
-            self.engine.send(("add", rid, pending.prompt, pending.params, pending.arrival_time,
-                              pending.priority))
-        except EngineDeadError:
-            with self._cond:
-                self._unacked.pop(rid, None)
-                self._applying = len(self._unacked)
-            raise
-
-    def abort(self, request_ids: str | Iterable[str]) -> None:
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        if ids and self._dead is None:
-            try:
-                self.engine.send(("abort", ids))
-            except EngineDeadError:
-                pass  # the reader thread fails every request when the core dies
-
-    def abort_all(self) -> None:
-        if self._dead is None:
-            try:
-                self.engine.send(("abort_all",))
-            except EngineDeadError:
-                pass
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-        self.engine.shutdown(timeout)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        if self._dead is None:  # the reader never started (no request was ever made)
-            self._die(EngineDeadError("engine stopped"))
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
 
     # ------------------------------------------------------------------ reader thread
 
-    def _run(self) -> None:
-        """The thread `start()` runs: it reads the core's messages instead of stepping."""
-        messages = self.engine.messages
+    def _read(self, deliver: Callable[[CoreMessage], None]) -> None:
         while True:
             try:
-                message = messages.recv()
+                message = loads(self.messages.recv_bytes())
             except (EOFError, OSError):
-                code = self.engine.process.exitcode
-                self._die(EngineDeadError(
-                    "engine stopped" if self._stopping else
-                    f"engine core process exited unexpectedly (exit code {code})"))
+                deliver(self._lost())
                 return
-            kind = message[0]
-            if kind == "step":
-                self._on_step_message(*message[1:])
-            elif kind == "stopped":
-                self._die(EngineDeadError("engine stopped"))
-                return
-            elif kind == "dead":
-                logger.error("engine core step failed; failing every in-flight request\n%s",
-                             message[2])
-                self._die(message[1])
+            if isinstance(message, StepReport):
+                deliver(self._decode(message))
+                continue
+            deliver(message)
+            if isinstance(message, (Dead, Stopped)):
                 return
 
-    def _on_step_message(self, replies: list[tuple], wire: list[tuple], stats: dict,
-                         step: object) -> None:
-        now = time.time()
-        answered = []
-        with self._cond:
-            for kind, rid, payload in replies:
-                pending = self._unacked.pop(rid, None)
-                if pending is not None:
-                    answered.append((kind, pending, payload))
-            self._stats = stats
-            self._applying = len(self._unacked)
-        for kind, pending, payload in answered:
-            if kind == "added":
-                rid = pending.stream.request_id
-                if not pending.params.stop:  # the core sends no text for these: build it here
-                    self._decoder.detokenize(rid, payload, self.engine.tokenizer,
-                                             pending.params.skip_special_tokens)
-                self._loops[rid] = pending.stream.loop
-                _call_soon(pending.stream.loop, self._accepted, pending, payload)
-            else:
-                _call_soon(pending.stream.loop, self._rejected, pending, payload)
-        # The core sends step stats only for a step that ran (None otherwise).
-        self._dispatch(self._decoder.decode(wire), now, step)
+    def _lost(self) -> CoreMessage:
+        """What the end of the pipe means: a stop we asked for, or a core that died."""
+        if self._closed:
+            return Stopped()
+        code = self.process.exitcode
+        return Dead(EngineDeadError(
+            f"engine core process exited unexpectedly (exit code {code})"), None)
 
-    def _die(self, exc: BaseException) -> None:
-        with self._cond:
-            self._adds.extend(self._unacked.values())
-            self._unacked.clear()
-            self._applying = 0
-        super()._die(exc)
+    def _decode(self, report: StepReport) -> StepReport:
+        """The report with its wire outputs rebuilt into cumulative RequestOutputs."""
+        for reply in report.replies:
+            params = self._text_params.pop(reply.request_id, None)
+            if params is not None and isinstance(reply, Added):
+                self._decoder.detokenize(reply.request_id, reply.prompt_token_ids,
+                                         self.tokenizer, params.skip_special_tokens)
+        return StepReport(report.replies, self._decoder.decode(report.outputs), report.stats,
+                          report.step_stats)

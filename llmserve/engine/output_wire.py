@@ -15,18 +15,42 @@ go as a plain tuple of timestamps, which pickles several times faster than the d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from llmserve.engine.output_processor import new_text
 from llmserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
-# (index, text keep, text tail, token keep, token tail, logprobs keep, logprobs tail or None,
-#  cumulative_logprob, finish_reason, stop_reason)
-WireCompletion = tuple
-# (request_id, prompt and prompt_token_ids or None after the first message, finished,
-#  num_cached_tokens, metrics tuple or None, prefill tokens run, decode tokens run, extra,
-#  completions)
-WireOutput = tuple
+
+class WireCompletion(NamedTuple):
+    """The layout of one completion's delta. It travels as a plain tuple of these fields, in this
+    order (`WireCompletion._make(t)` gives the named view): NamedTuple instances pickle several
+    times slower than tuples, and the step message carries one per running sequence."""
+
+    index: int
+    text_keep: int  # keep this many characters of the text held for it ...
+    text_tail: str  # ... and append these
+    token_keep: int
+    token_tail: list[int]
+    logprobs_keep: int
+    logprobs_tail: list | None  # None: the request asked for no logprobs
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class WireOutput(NamedTuple):
+    """The layout of one RequestOutput's delta; a plain tuple on the wire, like WireCompletion."""
+
+    request_id: str
+    prompt: tuple[str | None, list[int]] | None  # (prompt, prompt_token_ids), first message only
+    finished: bool
+    num_cached_tokens: int
+    metrics: tuple | None  # RequestMetrics' fields in order
+    num_computed_prefill_tokens: int
+    num_computed_decode_tokens: int
+    extra: dict
+    completions: list[tuple]  # WireCompletion layouts
 
 
 def _metrics_tuple(m: RequestMetrics | None) -> tuple | None:
@@ -49,10 +73,11 @@ class OutputEncoder:
     def __init__(self) -> None:
         self._sent: dict[str, dict[int, _Sent]] = {}
 
-    def encode(self, outputs: list[RequestOutput]) -> list[WireOutput]:
+    def encode(self, outputs: list[RequestOutput]) -> list[tuple]:
+        """Plain tuples laid out as `WireOutput`, one per output."""
         return [self._encode(out) for out in outputs]
 
-    def _encode(self, out: RequestOutput) -> WireOutput:
+    def _encode(self, out: RequestOutput) -> tuple:
         sent = self._sent.get(out.request_id)
         first = sent is None
         if sent is None:
@@ -67,14 +92,14 @@ class OutputEncoder:
                 lp_keep = s.num_logprobs if len(c.logprobs) >= s.num_logprobs else 0
                 lp_tail = c.logprobs[lp_keep:]
                 s.num_logprobs = len(c.logprobs)
-            completions.append((
+            completions.append((  # a WireCompletion's fields
                 c.index, text_keep, c.text[text_keep:], tok_keep, c.token_ids[tok_keep:],
                 lp_keep, lp_tail, c.cumulative_logprob, c.finish_reason, c.stop_reason,
             ))
             s.text, s.num_tokens = c.text, len(c.token_ids)
         if out.finished:
             del self._sent[out.request_id]
-        return (
+        return (  # a WireOutput's fields
             out.request_id, (out.prompt, out.prompt_token_ids) if first else None, out.finished,
             out.num_cached_tokens, _metrics_tuple(out.metrics), out.num_computed_prefill_tokens,
             out.num_computed_decode_tokens, out.extra, completions,
@@ -117,10 +142,11 @@ class OutputDecoder:
         request's first output is decoded."""
         self._text_specs[request_id] = _TextSpec(tokenizer, prompt_token_ids, skip_special_tokens)
 
-    def decode(self, wire: list[WireOutput]) -> list[RequestOutput]:
+    def decode(self, wire: list[tuple]) -> list[RequestOutput]:
+        """RequestOutputs from `OutputEncoder.encode`'s tuples (after the pipe)."""
         return [self._decode(w) for w in wire]
 
-    def _decode(self, w: WireOutput) -> RequestOutput:
+    def _decode(self, w: tuple) -> RequestOutput:
         (request_id, prompt, finished, cached, metrics, prefill, decode, extra, completions) = w
         held = self._held.get(request_id)
         if held is None:

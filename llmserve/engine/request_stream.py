@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from llmserve.engine.async_engine import AsyncEngine
     from llmserve.outputs import RequestOutput
+
+
+class Aborter(Protocol):
+    """What a stream needs of its engine (an AsyncEngine): a way to abort its request."""
+
+    def abort(self, request_ids: str | Iterable[str]) -> None: ...
 
 
 class RequestStream:
@@ -20,7 +25,7 @@ class RequestStream:
     aborts the request.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop,
+    def __init__(self, engine: Aborter, request_id: str, loop: asyncio.AbstractEventLoop,
                  arrival_time: float) -> None:
         self.request_id = request_id
         self.loop = loop

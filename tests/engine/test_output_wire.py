@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from llmserve.engine.output_wire import OutputDecoder, OutputEncoder
+from llmserve.engine.output_wire import OutputDecoder, OutputEncoder, WireCompletion, WireOutput
 from llmserve.models.random_checkpoint import build_random_checkpoint
 from llmserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from llmserve.tokenizer import Tokenizer
@@ -35,10 +35,30 @@ def test_growing_outputs_round_trip_and_send_only_the_new_part():
     lp2 = [lp[0] + [{7: Logprob(-0.3, 1, "c")}], lp[1] + [{8: Logprob(-0.4, 2, "d")}]]
     second = _out("r", ["ac", "bd"], [[5, 7], [6, 8]], logprobs=lp2)
     wire = enc.encode([second])
-    (_, prompt, _, _, _, _, _, _, comps), = wire
-    assert prompt is None  # sent once, with the first message
-    assert comps[0][1:5] == (1, "c", 1, [7]) and comps[0][5] == 1
+    out = WireOutput._make(wire[0])
+    assert out.request_id == "r" and out.prompt is None  # sent once, with the first message
+    comp = WireCompletion._make(out.completions[0])
+    assert (comp.text_keep, comp.text_tail, comp.token_keep, comp.token_tail) == (1, "c", 1, [7])
+    assert (comp.logprobs_keep, comp.logprobs_tail) == (1, [{7: Logprob(-0.3, 1, "c")}])
     assert dec.decode(wire) == [second]
+
+
+def test_wire_tuples_follow_the_named_layouts_and_pickle_as_plain_tuples():
+    enc = OutputEncoder()
+    out = _out("r", ["ab"], [[5, 6]], finished=True)
+    out.num_computed_prefill_tokens, out.num_computed_decode_tokens = 3, 2
+    out.extra = {"k": 1}
+    (wire,) = enc.encode([out])
+    assert type(wire) is tuple and len(wire) == len(WireOutput._fields)
+    named = WireOutput._make(wire)
+    assert named._replace(completions=None) == WireOutput(
+        "r", ("prompt", [1, 2, 3]), True, 2, (10.0, 10.5, 11.0, 12.0, 20.0), 3, 2, {"k": 1}, None)
+    (comp,) = named.completions
+    assert type(comp) is tuple
+    assert WireCompletion._make(comp) == WireCompletion(0, 0, "ab", 0, [5, 6], 0, None, None,
+                                                        "length", None)
+    # No class reference in the pickle: the names cost nothing on the wire.
+    assert b"WireOutput" not in pickle.dumps([wire]) and b"output_wire" not in pickle.dumps([wire])
 
 
 def test_rewritten_text_is_resent_whole():
