@@ -48,12 +48,25 @@ def test_every_phase_is_timed_and_the_phases_add_up_to_the_step(bench, model_dir
             assert list(clock["phases"]) == names
             for phase in clock["phases"].values():
                 assert phase["mean_us"] > 0 and phase["median_us"] > 0
-                assert phase["critical"] is True  # today's step is strictly sequential
+                assert phase["critical"] is True  # without async scheduling the step is sequential
             mean_sum = sum(p["mean_us"] for p in clock["phases"].values())
             total = clock["step_total_us"]["mean_us"]
             # Exclusive times: nothing counted twice, nothing of the step left out.
             assert 0.8 * total <= mean_sum <= total * 1.001
             assert clock["critical_path_us"]["mean_us"] == pytest.approx(mean_sum)
+
+
+def test_with_async_scheduling_the_output_work_leaves_the_critical_path(bench, model_dir,
+                                                                        tmp_path):
+    report = _run(bench, model_dir, tmp_path, "--batch-sizes", "4",
+                  "--engine-arg", "async_scheduling=true")
+    result = report["results"][0]
+    assert result["async_scheduling"] is True
+    off_path = {n for n, p in result["phases"].items() if not p["critical"]}
+    assert off_path == {"read tokens", "update", "output"}
+    assert result["phases"]["output"]["mean_us"] > 0
+    host = result["critical_path_host_us"]["mean_us"]
+    assert 0 < host < result["critical_path_us"]["mean_us"] < result["step_total_us"]["mean_us"]
 
 
 def test_the_engine_report_is_summarised_with_its_critical_flags(bench, model_dir, tmp_path,
@@ -75,10 +88,10 @@ def test_the_engine_report_is_summarised_with_its_critical_flags(bench, model_di
 def test_a_phase_table_that_does_not_fit_the_engine_is_a_clear_error(bench):
     timer = bench.PhaseTimer(["sample"])
     engine = SimpleNamespace(runner=SimpleNamespace(sampler=object()))
-    missing_attr = (bench.Phase("sample", (("runner.sampler2", "__call__"),), critical=True),)
+    missing_attr = (bench.Phase("sample", (("runner.sampler2", "__call__"),)),)
     with pytest.raises(ValueError, match="runner.sampler2.*adapt PHASES"):
         bench.install_timers(engine, missing_attr, timer)
-    missing_method = (bench.Phase("sample", (("runner.sampler", "sample"),), critical=True),)
+    missing_method = (bench.Phase("sample", (("runner.sampler", "sample"),)),)
     with pytest.raises(ValueError, match="no method 'sample'.*adapt PHASES"):
         bench.install_timers(engine, missing_method, timer)
 
@@ -99,7 +112,7 @@ def test_the_request_mix(bench, model_dir):
 def test_a_phase_whose_methods_are_never_called_is_a_clear_error(bench, model_dir, tmp_path,
                                                                   monkeypatch):
     # A method that exists but that the step no longer calls would otherwise read as 0 µs.
-    stale = bench.PHASES + (bench.Phase("abort", (("", "abort_request"),), critical=True),)
+    stale = bench.PHASES + (bench.Phase("abort", (("", "abort_request"),)),)
     monkeypatch.setattr(bench, "PHASES", stale)
     with pytest.raises(ValueError, match=r"'abort'.*adapt PHASES"):
         _run(bench, model_dir, tmp_path, "--batch-sizes", "1")
@@ -110,8 +123,7 @@ def test_a_class_target_times_objects_made_during_the_run_and_is_undone(bench, m
     from llmserve.engine.request import Request
 
     original = Request.__dict__["append_token"]
-    phase = bench.Phase("append", (("llmserve.engine.request:Request", "append_token"),),
-                        critical=True)
+    phase = bench.Phase("append", (("llmserve.engine.request:Request", "append_token"),))
     monkeypatch.setattr(bench, "PHASES", bench.PHASES + (phase,))
     result = _run(bench, model_dir, tmp_path, "--batch-sizes", "3")["results"][0]
     assert result["phases"]["append"]["median_us"] > 0

@@ -236,14 +236,19 @@ class BatchWorker:
                 "batch_id": batch_id, "custom_id": prep.line.custom_id}
         rid = f"{batch_id}-{prep.line.line}-{k}-{os.urandom(4).hex()}"
         while True:
-            try:
-                stream = await self.engine.add_request(rid, prompt, prep.params,
-                                                       priority=BATCH_PRIORITY, info=info)
-            except QueueFullError:
-                await asyncio.sleep(0.5)  # batch lines wait; they are never refused for load
-                continue
+            # Counted before the engine answers: a line waiting for its add to be accepted is
+            # already one of the engine's unfinished requests, and must not pass for interactive
+            # traffic (which would preempt batch lines for nothing).
             self._inflight_requests += 1
-            return stream
+            try:
+                return await self.engine.add_request(rid, prompt, prep.params,
+                                                     priority=BATCH_PRIORITY, info=info)
+            except QueueFullError:
+                self._inflight_requests -= 1
+                await asyncio.sleep(0.5)  # batch lines wait; they are never refused for load
+            except BaseException:
+                self._inflight_requests -= 1
+                raise
 
     def _raise_line_errors(self) -> None:
         if self._line_errors:
