@@ -36,11 +36,12 @@ def torch_attention(
         plan = ref.plan_paged_attention(
             meta.query_start_loc, meta.seq_lens, meta.block_tables, k_cache.shape[1],
             native=k_cache.dtype == torch.float32, num_decodes=meta.num_decode_tokens,
+            fresh_prefill=True,
         )
         cached = meta.backend_cache["torch"] = (ref.prepare_slots(meta.slot_mapping), plan)
     (slots, keep), plan = cached
     ref.store_kvcache_prepared(k, v, k_cache, v_cache, slots, keep)
-    return ref.paged_attention_planned(q, k_cache, v_cache, plan, scale)
+    return ref.paged_attention_planned(q, k_cache, v_cache, plan, scale, k, v)
 
 
 def get_attention_backend(name: str) -> AttentionFn:

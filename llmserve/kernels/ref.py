@@ -17,7 +17,7 @@ rows on CPU to the C kernel of `cpu_native` when it builds; the default stays pu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,9 @@ class AttentionPlan:
     groups: list[_Group]
     block_size: int
     native: cpu_native.DecodeBatch | None = None
+    # (first row, end row) of fresh prefills (no cached context): they attend over their own
+    # new keys with a causal SDPA, without gathering or a mask.
+    fresh: list[tuple[int, int]] = field(default_factory=list)
 
     def use_torch_for_decode(self) -> None:
         """Turn the native decode rows into a torch group, for a layer whose tensors the kernel
@@ -105,12 +108,15 @@ def plan_paged_attention(
     block_size: int,
     native: bool = False,
     num_decodes: int | None = None,
+    fresh_prefill: bool = False,
 ) -> AttentionPlan:
     """Split a flat batch into decode rows (batched together) and multi-token sequences (padded).
 
     `native` asks for the decode rows to go to the C kernel (`cpu_native`) when it is loaded and
     the batch is on CPU; the default is the pure-torch path, the test oracle. `num_decodes`, when
-    the caller knows it, is how many leading sequences are single-token decodes.
+    the caller knows it, is how many leading sequences are single-token decodes. With
+    `fresh_prefill`, sequences with no cached context go to `AttentionPlan.fresh` (the caller
+    then passes the step's own k and v to `paged_attention_planned`).
     """
     device = seq_lens.device
     use_native = native and device.type == "cpu" and cpu_native.load() is not None
@@ -124,7 +130,14 @@ def plan_paged_attention(
     is_decode = q_lens == 1
     plan = AttentionPlan([], block_size)
     decode_idx = torch.nonzero(is_decode).flatten()
-    extend_idx = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
+    extend = ~is_decode & (q_lens > 0)
+    if fresh_prefill:
+        fresh = extend & (q_lens == seq_lens)
+        if bool(fresh.any()):
+            starts = query_start_loc[:-1][fresh].tolist()
+            plan.fresh = [(a, a + n) for a, n in zip(starts, q_lens[fresh].tolist())]
+            extend &= ~fresh
+    extend_idx = torch.nonzero(extend).flatten()
     if decode_idx.numel():
         rows = query_start_loc[:-1][decode_idx].long()
         tables, lens = block_tables[decode_idx], seq_lens[decode_idx]
@@ -195,10 +208,38 @@ def _attend(
     return out.transpose(1, 2)
 
 
+def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                   ) -> torch.Tensor:
+    """Causal attention of one sequence over itself ([L, H, D] / [L, KVH, D]): SDPA's fused
+    causal kernel, no mask tensor."""
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[0].transpose(0, 1)
+
+
 def paged_attention_planned(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+    scale: float, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`paged_attention` with the layer-independent work already done by `plan_paged_attention`."""
+    """`paged_attention` with the layer-independent work already done by `plan_paged_attention`.
+
+    `k` and `v` (this step's new keys and values, row-aligned with `q`) are needed when the
+    plan has fresh prefills."""
+    if plan.fresh:
+        if k is None or v is None:
+            raise ValueError("a plan with fresh prefills needs the step's own k and v")
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        for start, end in plan.fresh:
+            out[start:end] = _attend_causal(q[start:end], k[start:end], v[start:end], scale)
+        if plan.native is not None and cpu_native.accepts(q, k_cache, v_cache):
+            cpu_native.paged_decode(out, q, k_cache, v_cache, plan.native, scale)
+        elif plan.native is not None:
+            plan.use_torch_for_decode()
+        return _attend_groups(out, q, k_cache, v_cache, plan.groups, scale)
     if plan.native is not None:
         if cpu_native.accepts(q, k_cache, v_cache):
             # Decode rows straight from the paged cache; the kernel writes their output rows.

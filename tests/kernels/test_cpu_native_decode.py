@@ -100,7 +100,9 @@ def test_mixed_steps_match_torch(native, paged_batch, q_lens, seq_lens):
 
 
 def test_torch_backend_uses_the_kernel(native, paged_batch):
-    batch = paged_batch([1, 3, 1], [30, 3, 200], 2, 2, 32, 16, F32)
+    # The 3-token row extends a 1-token context, so it reads the cache (a fresh prefill would
+    # attend over the new k/v, which this test leaves out of the cache).
+    batch = paged_batch([1, 3, 1], [30, 4, 200], 2, 2, 32, 16, F32)
     n = batch.q.shape[0]
     meta = AttentionMetadata(
         slot_mapping=torch.full((n,), -1, dtype=torch.int64), query_start_loc=batch.query_start_loc,
