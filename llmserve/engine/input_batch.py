@@ -60,9 +60,6 @@ class InputBatch:
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_rows - 1, -1, -1))
 
-    def __len__(self) -> int:
-        return len(self.row_of)
-
     def update(self, sched: SchedulerOutput) -> np.ndarray:
         """Apply the scheduler's deltas; return the rows of this step's requests, in order."""
         self.release(sched.freed_ids)
@@ -111,7 +108,7 @@ class InputBatch:
         batch = len(rows)
         num_new = np.fromiter((n for _, n in sched.scheduled), np.int64, batch)
         starts = np.array(sched.starts, np.int64)
-        input_ids, dst, src = _input_ids(sched, num_new, pending_rows)
+        input_ids, dst, src = _input_ids(sched, pending_rows)
         cu = np.zeros(batch + 1, np.int64)
         np.cumsum(num_new, out=cu[1:])
         total = int(cu[-1])
@@ -137,7 +134,7 @@ class InputBatch:
         )
 
 
-def _input_ids(sched: SchedulerOutput, num_new: np.ndarray, pending_rows: dict[str, int] | None
+def _input_ids(sched: SchedulerOutput, pending_rows: dict[str, int] | None
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """This step's input tokens; those the host does not know yet are taken on the device."""
     ids: list[int] = []

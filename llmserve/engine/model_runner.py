@@ -198,10 +198,5 @@ class ModelRunner:
         )
         return input_ids, put("positions", step.positions), meta
 
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
-        """Run one step and wait for it: the requests that sampled (in order) and their samples."""
-        inflight = self.launch(sched)
-        return inflight.sampling, inflight.result()
-
     def shutdown(self) -> None:
         """Nothing to stop in a single process (tensor-parallel executors stop their workers)."""

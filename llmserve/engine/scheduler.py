@@ -121,7 +121,7 @@ class Scheduler:
     def _schedule(self, out: SchedulerOutput, request: Request, num_new: int,
                   new_blocks: list[int]) -> None:
         out.add(request, num_new, new_blocks)
-        if not (num_new == 1 and request.num_computed_tokens >= request.num_prompt_tokens):
+        if not _is_decode(request, num_new, request.num_computed_tokens):
             # Prefill-style work (prompt, chunks, recompute after preemption) is billed when it
             # is scheduled; a decode only once its token is kept (see update_from_output).
             request.num_prefill_tokens_run += num_new
@@ -186,8 +186,7 @@ class Scheduler:
                 request.num_output_placeholders -= 1
             if request.is_finished:  # aborted or stopped while the step ran
                 continue
-            if num_new == 1 and start >= request.num_prompt_tokens:
-                # A decode: its input was an output token. Billed only when its token is kept.
+            if _is_decode(request, num_new, start):  # billed only when its token is kept
                 request.num_decode_tokens_run += 1
                 p, d = out.work.get(request.parent_id, (0, 0))
                 out.work[request.parent_id] = (p, d + 1)
@@ -234,3 +233,9 @@ class Scheduler:
                 self.finish(request, RequestStatus.FINISHED_ABORTED)
                 aborted.append(request)
         return aborted
+
+
+def _is_decode(request: Request, num_new: int, start: int) -> bool:
+    """One new token whose input is an output token: a decode, for cost accounting. Everything
+    else (prompt, chunks, recompute after preemption) is prefill-style work."""
+    return num_new == 1 and start >= request.num_prompt_tokens
