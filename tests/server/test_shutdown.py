@@ -83,7 +83,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(checkpoint, engine_
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llmserve.cli", "serve", "--model", str(checkpoint),
-           "--port", str(port), "--num-kv-blocks", "128", "--max-model-len", "512",
+           "--port", str(port), "--num-kv-blocks", "128", "--max-model-len", "1024",
            "--drain-timeout", "60", "--log-level", "warning", "--engine-core", engine_core]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -93,7 +93,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_cleanly(checkpoint, engine_
         children = _children(proc.pid)
         if engine_core == "process" and os.path.exists(f"/proc/{proc.pid}/task"):
             assert children, "the engine core should be a child process"
-        streamer = _Streamer(base_url, max_tokens=300)
+        # Long enough to still be streaming when the refused request is checked: with the fused
+        # CPU forward 300 tokens could finish within the health-polling window.
+        streamer = _Streamer(base_url, max_tokens=1000)
         streamer.start()
         assert streamer.started.wait(30)
         proc.send_signal(signal.SIGTERM)
