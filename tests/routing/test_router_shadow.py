@@ -82,7 +82,9 @@ async def test_full_shadow_queue_drops_and_counts_instead_of_waiting(tmp_path):
                                                              json=_body(i, False))
                                                  for i in range(12)))
                 elapsed = time.perf_counter() - t0
-            assert all(r.status_code == 200 for r in replies)
+            # The statuses in the message: this failed once, under load, in a full CI run.
+            assert all(r.status_code == 200 for r in replies), [
+                (r.status_code, r.text[:200]) for r in replies if r.status_code != 200]
             assert elapsed < 1.5  # 12 shadow jobs at 0.3 s each in series would take 3.6 s
             mirror = router.models["chat"].mirror
             await mirror.drain()
