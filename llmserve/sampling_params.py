@@ -8,6 +8,47 @@ from dataclasses import dataclass, field
 MAX_N = 128
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
+# OpenAI's range for logit_bias values.
+LOGIT_BIAS_LIMIT = 100.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on a completion's text (vLLM's `structured_outputs` field names).
+
+    Exactly one of `json` (a JSON schema, as a dict or a JSON string), `json_object` (any JSON
+    object), `regex`, `choice` (one of these strings) or `grammar` (a Lark grammar, llguidance
+    dialect) is set. When `after_token_ids` is set, the constraint starts only once the
+    completion has produced that token sequence (the end of a reasoning block); the tokens
+    before it are free.
+    """
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    after_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, "
+                             f"choice or grammar; got {kinds or 'none'}")
+        if self.choice is not None and (not self.choice or not all(
+                isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if self.after_token_ids is not None:
+            self.after_token_ids = tuple(self.after_token_ids)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: json, json_object, regex, choice or grammar."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar")
+                    if getattr(self, k) is not None)
 
 
 @dataclass
@@ -37,6 +78,12 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding: the completion's text must match this (see StructuredOutputsParams).
+    structured_outputs: StructuredOutputsParams | None = None
+    # Token id -> bias added to its logit before sampling (OpenAI's -100..100).
+    logit_bias: dict[int, float] | None = None
+    # Return the top-k logprobs of every prompt token too (vLLM's field; 0 = only the chosen).
+    prompt_logprobs: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +129,12 @@ class SamplingParams:
                 raise ValueError("stop must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids[]", t, low=0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+        for token_id, bias in (self.logit_bias or {}).items():
+            _check_int("logit_bias key", token_id, low=0)
+            _check_float(f"logit_bias[{token_id}]", bias, low=-LOGIT_BIAS_LIMIT,
+                         high=LOGIT_BIAS_LIMIT)
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
