@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--until", default=None, help="end of the range (exclusive), same forms")
     parser.add_argument("--by", default="model",
                         help="comma-separated grouping: model, model_version, prompt_version, "
-                             "route, day, endpoint, status (default: model)")
+                             "route, day, endpoint, status, response_format (default: model)")
     parser.add_argument("--format", default="table",
                         choices=("table", "csv", "json", "html", "jsonl"),
                         help="output format; jsonl exports the raw rows (default: table)")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from llmserve.observability.pricing import CostBreakdown, HardwarePrice, ListPrice, ModelPrice
 
 if TYPE_CHECKING:
-    from llmserve.observability.ledger import TraceRecord
+    from llmserve.observability.ledger_schema import TraceRecord
 
 
 @dataclass
@@ -209,6 +209,30 @@ def request_cost(
         billed_input = min(prompt_tokens, cached + max(0, computed_prefill_tokens))
         cached = min(cached, billed_input)
     return price.cost(billed_input, cached, completion_tokens)
+
+
+def price_record(record: TraceRecord, price: ModelPrice | None, *,
+                 attribution: Attribution | None = None,
+                 computed_prefill_tokens: int | None = None) -> None:
+    """Fill a ledger row's cost columns from its tokens and status (every writer uses this).
+
+    ``attribution`` is the machine time the engine gave the request (hardware pricing; None
+    where no engine ran it here, as in the router); ``computed_prefill_tokens`` bounds what an
+    unfinished request pays for its prompt (see ``request_cost``).
+    """
+    record.cost_partial = record.status != "ok"
+    if attribution is not None:
+        record.hardware_seconds = attribution.seconds
+    cost = request_cost(price, prompt_tokens=record.prompt_tokens,
+                        cached_tokens=record.cached_tokens,
+                        completion_tokens=record.completion_tokens,
+                        completed=record.status == "ok",
+                        computed_prefill_tokens=computed_prefill_tokens, attribution=attribution)
+    if cost is None or price is None:
+        return
+    record.cost_mode = price.mode
+    record.cost_usd, record.input_cost_usd = cost.total_usd, cost.input_usd
+    record.cached_input_cost_usd, record.output_cost_usd = cost.cached_input_usd, cost.output_usd
 
 
 class CostCounters:

@@ -13,111 +13,23 @@ import concurrent.futures
 import json
 import os
 import queue
-import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-SCHEMA_VERSION = 1
-# (column, SQL type). Times are Unix seconds (time.time()); costs are USD.
-_COLUMN_TYPES = (
-    ("trace_id", "TEXT NOT NULL"), ("span_id", "TEXT"), ("parent_span_id", "TEXT"),
-    ("parent_trace_id", "TEXT"), ("request_id", "TEXT NOT NULL"),
-    ("start_time", "REAL NOT NULL"), ("end_time", "REAL"),
-    ("endpoint", "TEXT"), ("endpoint_version", "TEXT"), ("model", "TEXT"), ("model_version", "TEXT"),
-    ("prompt_version", "TEXT"), ("chat_template_hash", "TEXT"), ("user_hash", "TEXT"),
-    ("route", "TEXT"), ("prompt_tokens", "INTEGER"), ("cached_tokens", "INTEGER"),
-    ("completion_tokens", "INTEGER"), ("queue_time", "REAL"), ("ttft", "REAL"), ("tpot", "REAL"),
-    ("e2e_latency", "REAL"), ("finish_reason", "TEXT"), ("status", "TEXT NOT NULL"),
-    ("error_type", "TEXT"), ("http_status", "INTEGER"), ("cost_mode", "TEXT"), ("cost_usd", "REAL"),
-    ("input_cost_usd", "REAL"), ("cached_input_cost_usd", "REAL"), ("output_cost_usd", "REAL"),
-    ("hardware_seconds", "REAL"), ("cost_partial", "INTEGER NOT NULL DEFAULT 0"),
-    ("prompt_text", "TEXT"), ("completion_text", "TEXT"), ("extra", "TEXT"),
+from llmserve.observability.ledger_schema import (
+    COLUMNS,
+    TRACES,
+    Table,
+    TraceRecord,
+    create_schema,
+    row_to_dict,
 )
-COLUMNS = tuple(name for name, _ in _COLUMN_TYPES)
-STATUSES = ("ok", "error", "aborted")
 
-
-@dataclass
-class TraceRecord:
-    """One request's row. ``status`` is ok / error / aborted; ``cost_partial`` flags a request
-    that did not complete and paid only for what it computed."""
-
-    trace_id: str
-    request_id: str
-    start_time: float
-    status: str = "ok"
-    span_id: str | None = None
-    parent_span_id: str | None = None
-    parent_trace_id: str | None = None
-    end_time: float | None = None
-    endpoint: str | None = None
-    endpoint_version: str | None = None
-    model: str | None = None
-    model_version: str | None = None
-    prompt_version: str | None = None
-    chat_template_hash: str | None = None
-    user_hash: str | None = None
-    route: str | None = "primary"
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    queue_time: float | None = None
-    ttft: float | None = None
-    tpot: float | None = None
-    e2e_latency: float | None = None
-    finish_reason: str | None = None
-    error_type: str | None = None
-    http_status: int | None = None
-    cost_mode: str | None = None
-    cost_usd: float | None = None
-    input_cost_usd: float | None = None
-    cached_input_cost_usd: float | None = None
-    output_cost_usd: float | None = None
-    hardware_seconds: float | None = None
-    cost_partial: bool = False
-    prompt_text: str | None = None
-    completion_text: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {self.status!r}")
-
-    def to_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["cost_partial"] = int(self.cost_partial)
-        row["extra"] = json.dumps(self.extra, sort_keys=True) if self.extra else None
-        return row
-
-
-def create_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables if missing; refuse a database written by a different schema."""
-    cols = ",\n  ".join(f"{name} {sqltype}" for name, sqltype in _COLUMN_TYPES)
-    with conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        conn.execute(f"CREATE TABLE IF NOT EXISTS traces (\n  id INTEGER PRIMARY KEY AUTOINCREMENT,\n  {cols})")
-        for col in ("start_time", "trace_id", "request_id"):
-            conn.execute(f"CREATE INDEX IF NOT EXISTS traces_{col} ON traces ({col})")
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        # The key of the user-id HMAC: random per ledger, so hashes join within it but a guessed
-        # user id cannot be checked against them without the database itself.
-        conn.execute("INSERT OR IGNORE INTO meta VALUES ('user_hash_key', ?)", (secrets.token_hex(32),))
-    (found,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if found != str(SCHEMA_VERSION):
-        raise ValueError(f"trace ledger schema version {found} is not {SCHEMA_VERSION}")
-
-
-def row_to_dict(row: sqlite3.Row) -> dict[str, Any]:
-    """A database row as a plain dict, with ``extra`` decoded and the flag as a bool."""
-    out = dict(row)
-    out["extra"] = json.loads(out["extra"]) if out.get("extra") else {}
-    out["cost_partial"] = bool(out.get("cost_partial"))
-    return out
-
+__all__ = ["COLUMNS", "Table", "TraceLedger", "TraceRecord", "connect", "default_trace_db_path",
+           "export_jsonl", "find_row", "iter_rows", "query_rows"]
 
 _STOP = object()
 _BATCH = 256  # rows per transaction at most, so one commit does not hold readers up for long
@@ -132,7 +44,8 @@ def default_trace_db_path() -> str:
     return os.path.join(state, "llmserve", "traces.db")
 
 
-def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: str | Path, *, readonly: bool = False,
+            tables: Sequence[Table] = ()) -> sqlite3.Connection:
     """Open the ledger database (WAL, FULL sync); read-only connections never create it."""
     p = Path(path)
     if readonly:
@@ -144,19 +57,26 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(str(p), timeout=30, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        create_schema(conn)
+        create_schema(conn, tuple(tables))
     conn.row_factory = sqlite3.Row
     return conn
 
 
 class TraceLedger:
-    """Append-only writer of trace rows, with a bounded queue and one writer thread."""
+    """The ledger file's only writer: a bounded queue and one writer thread.
 
-    def __init__(self, path: str | Path, max_queue: int = 10_000) -> None:
+    Trace rows come in through ``submit``/``write``; components that keep a table of their own
+    in the same file (the router's shadow comparisons and events) declare it in ``tables`` and
+    hand rows over with ``submit_row``, so the file never has a second writer.
+    """
+
+    def __init__(self, path: str | Path, max_queue: int = 10_000,
+                 tables: Sequence[Table] = ()) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.path = str(path)
-        self._conn = connect(self.path)
+        self._tables = {t.name: t for t in (TRACES, *tables)}
+        self._conn = connect(self.path, tables=tables)
         (key,) = self._conn.execute("SELECT value FROM meta WHERE key = 'user_hash_key'").fetchone()
         self.user_hash_key: bytes = bytes.fromhex(key)
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
@@ -173,11 +93,22 @@ class TraceLedger:
 
         Blocks only when the queue is full (the disk is far behind), for at most ``timeout``.
         """
+        return self._put(TRACES, record.to_row(), timeout)
+
+    def submit_row(self, table: str, row: dict[str, Any],
+                   timeout: float | None = 5.0) -> concurrent.futures.Future:
+        """Queue a row for a table declared in ``tables``; same contract as ``submit``."""
+        if table not in self._tables or table == TRACES.name:
+            raise ValueError(f"table {table!r} was not declared when this ledger was opened")
+        return self._put(self._tables[table], row, timeout)
+
+    def _put(self, table: Table, row: dict[str, Any],
+             timeout: float | None) -> concurrent.futures.Future:
         if self._closed:
             raise RuntimeError("the trace ledger is closed")
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            self._queue.put((record.to_row(), future), timeout=timeout)
+            self._queue.put((table, row, future), timeout=timeout)
         except queue.Full:
             raise RuntimeError(f"trace ledger queue full ({self._queue.maxsize} rows behind)") from None
         return future
@@ -197,7 +128,7 @@ class TraceLedger:
         if self._closed:
             return
         marker: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((None, marker), timeout=timeout)
+        self._queue.put((None, None, marker), timeout=timeout)
         marker.result(timeout=timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -230,30 +161,33 @@ class TraceLedger:
             if stop:
                 return
 
-    def _write_batch(self, batch: list[tuple[dict | None, concurrent.futures.Future]]) -> None:
-        rows = [(row, fut) for row, fut in batch if row is not None]
+    def _write_batch(self, batch: list[tuple[Table | None, dict | None,
+                                             concurrent.futures.Future]]) -> None:
+        rows = [(table, row) for table, row, _ in batch if table is not None]
         ids: list[int] = []
         error: BaseException | None = None
         if rows:
-            sql = f"INSERT INTO traces ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
             try:
                 with self._conn:  # one transaction, committed (and fsynced) on exit
-                    for row, _ in rows:
-                        cur = self._conn.execute(sql, [row.get(c) for c in COLUMNS])
+                    for table, row in rows:
+                        cur = self._conn.execute(table.insert_sql(),
+                                                 [row.get(c) for c in table.columns])
                         ids.append(int(cur.lastrowid or 0))
-                self.rows_written += len(rows)
+                self.rows_written += sum(1 for table, _ in rows if table is TRACES)
             except sqlite3.Error as exc:
                 self.write_errors += len(rows)
                 error = exc
         results = iter(ids)
-        for row, fut in batch:
+        for table, _, fut in batch:
             if fut.set_running_or_notify_cancel():
-                if row is None:
+                if table is None:
                     fut.set_result(None)
                 elif error is not None:
                     fut.set_exception(error)
                 else:
                     fut.set_result(next(results))
+            elif table is not None and error is None:
+                next(results)  # keep ids aligned with the rows after a cancelled future
 
 
 def _time_filter(since: float | None, until: float | None) -> tuple[str, list[float]]:

@@ -1,11 +1,16 @@
-"""The glue that turns served requests into trace-ledger rows.
+"""The engine observer that turns served requests into trace-ledger rows.
 
-``TraceRecorder`` is an AsyncEngine observer (request added / step / finished) and
-``TraceMiddleware`` wraps each ``POST /v1/...`` HTTP request: it continues or starts the trace,
-adds ``traceparent`` and ``X-Trace-Id`` to the response, and holds back every response byte sent
-after an engine request finished until that request's row is committed. Requests refused before
-they reached the engine (400s and the like) get an error row of their own.
-``install_trace_ledger(app, engine, options)`` wires both into an app from ``create_app``.
+``TraceRecorder`` watches an engine (request added / step / finished) and writes one row per
+request. ``TraceMiddleware`` (``tracing.py``) calls its HTTP side for each ``POST /v1/...``:
+it joins the HTTP request to the engine requests it submitted, and holds back every response
+byte sent after an engine request finished until that request's row is committed. Requests
+refused before they reached the engine (400s and the like) get an error row of their own.
+The server flags live in ``trace_options.py``; wiring into an app in ``trace_app.py``.
+
+From the ``info`` the caller passes to ``add_request`` the recorder reads ``model``,
+``endpoint``, ``user``, ``metadata``, ``http_request_id``, ``route``, ``response_format`` (the
+kind of output asked for) and ``tool_call_counter`` (called on each completion's final text to
+count its tool calls; no counter means 0 calls).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmserve.observability.cost import Attribution, CostCounters, HardwareMeter, request_cost
+from llmserve.observability.cost import Attribution, CostCounters, HardwareMeter, price_record
 from llmserve.observability.ledger import TraceLedger, TraceRecord
 from llmserve.observability.pricing import HardwarePrice, PricingTable
 from llmserve.observability.tracing import TraceContext, context_from_headers, hash_user
@@ -112,6 +117,7 @@ class TraceRecorder:
             record.prompt_text = output.prompt if output.prompt is not None else self._decode(output)
             texts = [c.text for c in output.outputs]
             record.completion_text = texts[0] if len(texts) == 1 else json.dumps(texts)
+        record.num_tool_calls = _count_tool_calls(pending.info, output)
         self._price(record, attribution, output.num_computed_prefill_tokens)
         self._submit(record, pending.http)
 
@@ -181,21 +187,12 @@ class TraceRecorder:
             or (info.get("route") if info.get("route") in ROUTES else None)
             or "primary",
             parent_trace_id=http.header("x-parent-trace-id") if http else None,
+            response_format=_label(info.get("response_format")), num_tool_calls=0,
             extra={"http_request_id": info["http_request_id"]} if info.get("http_request_id") else {})
 
-    def _price(self, record: TraceRecord, attribution: Any, computed_prefill: int | None) -> None:
+    def _price(self, record: TraceRecord, attribution: Attribution, computed_prefill: int | None) -> None:
         price = self.pricing.for_model(record.model or "") if self.pricing else None
-        cost = request_cost(price, prompt_tokens=record.prompt_tokens,
-                            cached_tokens=record.cached_tokens,
-                            completion_tokens=record.completion_tokens,
-                            completed=record.status == "ok",
-                            computed_prefill_tokens=computed_prefill, attribution=attribution)
-        record.hardware_seconds = attribution.seconds
-        record.cost_partial = record.status != "ok"
-        if cost is not None:
-            record.cost_mode = price.mode
-            record.cost_usd, record.input_cost_usd = cost.total_usd, cost.input_usd
-            record.cached_input_cost_usd, record.output_cost_usd = cost.cached_input_usd, cost.output_usd
+        price_record(record, price, attribution=attribution, computed_prefill_tokens=computed_prefill)
 
     def _fail(self, request_id: str, error_type: str) -> None:
         """Row for an engine request that ended without a final output (engine failure)."""
@@ -251,6 +248,22 @@ class TraceRecorder:
         return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) if tokenizer else None
 
 
+def _label(value: Any) -> str | None:
+    return value[:_MAX_LABEL] if isinstance(value, str) and value else None
+
+
+def _count_tool_calls(info: dict, output: RequestOutput) -> int | None:
+    """Tool calls in the final texts, by the caller's counter (0 without one; None if it fails)."""
+    counter = info.get("tool_call_counter")
+    if not callable(counter):
+        return 0
+    try:
+        return sum(int(counter(c.text)) for c in output.outputs)
+    except Exception:  # noqa: BLE001 - a parser bug must not cost the billing row
+        logger.exception("tool_call_counter failed for request %s", output.request_id)
+        return None
+
+
 def _get(d: dict, key: str, default: float) -> float:
     value = d.get(key)
     return default if value is None else value
@@ -273,99 +286,3 @@ def _json(data: bytes) -> dict:
     except (ValueError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-# --- wiring into the server ---
-
-
-@dataclass(frozen=True)
-class TraceOptions:
-    """Server options of the trace ledger (``llmserve serve --trace-db/--pricing/...``)."""
-
-    trace_db: str
-    pricing: str | None = None
-    log_prompts: bool = False
-    otlp_endpoint: str | None = None
-
-
-def add_trace_args(parser: Any) -> None:
-    """Add ``--trace-db``, ``--pricing``, ``--log-prompts``, ``--otlp-endpoint`` to a parser."""
-    g = parser.add_argument_group("trace ledger")
-    g.add_argument("--trace-db", default=None, metavar="PATH",
-                   help="SQLite trace ledger, one row per request (default: $LLMSERVE_TRACE_DB "
-                        "or ~/.local/state/llmserve/traces.db; 'off' disables it)")
-    g.add_argument("--pricing", default=None, metavar="FILE",
-                   help="TOML or YAML pricing file (list price or $/hour hardware) per model")
-    g.add_argument("--log-prompts", action="store_true",
-                   help="store prompt and completion text in the ledger (off by default)")
-    g.add_argument("--otlp-endpoint", default=None, metavar="URL",
-                   help="also export an OpenTelemetry span per request (needs llmserve[otlp])")
-
-
-def trace_options_from_args(args: Any) -> TraceOptions | None:
-    """TraceOptions from parsed ``add_trace_args`` options; None when the ledger is off.
-
-    The pricing file is read here too, so a bad one fails before the model loads.
-    """
-    from llmserve.observability.ledger import default_trace_db_path
-    from llmserve.observability.pricing import load_pricing
-
-    path = args.trace_db or default_trace_db_path()
-    if path.lower() in ("off", "none", "no"):
-        if args.pricing or args.log_prompts or args.otlp_endpoint:
-            raise ValueError("--pricing, --log-prompts and --otlp-endpoint need the trace ledger "
-                             "(remove --trace-db off)")
-        return None
-    if args.pricing:
-        load_pricing(args.pricing)
-    return TraceOptions(path, args.pricing, bool(args.log_prompts), args.otlp_endpoint)
-
-
-def install_trace_ledger(app: Any, engine: Any, options: TraceOptions | None) -> TraceRecorder | None:
-    """Attach the trace ledger to an app built by ``create_app`` (before it starts serving).
-
-    Registers the recorder as an engine observer, adds TraceMiddleware innermost (inside the
-    gateway, so requests refused for auth, size or drain get no row), adds cost counters to the
-    app's /metrics registry, and closes the ledger when the app shuts down.
-    """
-    if options is None:
-        return None
-    import contextlib
-
-    from starlette.middleware import Middleware
-
-    from llmserve import __version__
-    from llmserve.models.version import compute_model_version
-    from llmserve.observability.pricing import load_pricing
-    from llmserve.observability.tracing import TraceMiddleware, otlp_exporter
-
-    if getattr(app, "middleware_stack", None) is not None:
-        raise RuntimeError("install_trace_ledger must run before the app starts serving")
-    pricing = load_pricing(options.pricing) if options.pricing else None
-    exporter = otlp_exporter(options.otlp_endpoint) if options.otlp_endpoint else None
-    inner = getattr(engine, "engine", engine)
-    model_dir = getattr(getattr(getattr(inner, "config", None), "model", None), "model", None)
-    ctx = getattr(app.state, "ctx", None)
-    recorder = TraceRecorder(
-        TraceLedger(options.trace_db), engine,
-        model_name=ctx.model_name if ctx is not None else engine.model_name,
-        model_version=compute_model_version(model_dir) if model_dir else None,
-        pricing=pricing, chat_template_hash=getattr(engine.tokenizer, "chat_template_hash", None),
-        log_prompts=options.log_prompts, span_exporter=exporter,
-        endpoint_version=f"llmserve-{__version__}/openai-v1",
-        registry=getattr(ctx, "registry", None))
-    engine.add_observer(recorder)
-    app.user_middleware.append(Middleware(TraceMiddleware, recorder=recorder))
-    original = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(a: Any) -> Any:
-        try:
-            async with original(a) as state:
-                yield state
-        finally:
-            recorder.close()
-
-    app.router.lifespan_context = lifespan
-    app.state.trace_recorder = recorder
-    return recorder

@@ -14,6 +14,10 @@ Definitions (what finance reads):
   priced rows only; empty when the denominator is zero.
 - latency percentiles interpolate linearly between the closest ranks (numpy's default); ``day``
   is the UTC date of a request's start.
+- ``response_format`` groups by the kind of output asked for (``text``, ``json_object``,
+  ``json_schema``, ``regex``, ``choice``, ``grammar``, ``tools_required``); rows written before
+  the column existed, or by a component that does not know it, group as ``(none)``.
+  ``tool_calls`` is the sum of the tool calls in the rows' final outputs.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-GROUP_KEYS = ("model", "model_version", "prompt_version", "route", "day", "endpoint", "status")
+GROUP_KEYS = ("model", "model_version", "prompt_version", "route", "day", "endpoint", "status",
+              "response_format")
 FORMATS = ("table", "csv", "json", "html", "jsonl")
 METRICS = (
     "requests", "errors", "aborted", "error_rate", "prompt_tokens", "cached_tokens",
     "completion_tokens", "total_cost_usd", "cost_per_1m_input", "cost_per_1m_output",
-    "cost_per_1m_blended", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "unpriced",
+    "cost_per_1m_blended", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "unpriced", "tool_calls",
 )
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -129,6 +134,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
         "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95),
         "tpot_p50": percentile(tpot, 50), "tpot_p95": percentile(tpot, 95),
         "unpriced": sum(1 for r in rows if r.get("cost_usd") is None),
+        "tool_calls": sum(r.get("num_tool_calls") or 0 for r in rows),
     }
 
 

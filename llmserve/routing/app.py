@@ -39,7 +39,7 @@ class _RouterCollector:
     def collect(self):
         requests = CounterMetricFamily("llmserve:router_requests", "Requests by route",
                                        labels=["model", "deployment", "route", "status"])
-        for (model, dep, route, status), n in self._router.counts.items():
+        for (model, dep, route, status), n in self._router.accounts.counts.items():
             requests.add_metric([model, dep, route, status], n)
         weight = GaugeMetricFamily("llmserve:router_canary_weight_perc", "Canary weight",
                                    labels=["model", "deployment"])

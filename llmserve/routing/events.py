@@ -11,9 +11,8 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
-
-from llmserve.routing.records import RouterRecorder
 
 log = logging.getLogger("llmserve.router")
 KINDS = ("promote", "rollback", "weight", "reload", "eject", "readmit", "override_cleared",
@@ -23,10 +22,10 @@ KINDS = ("promote", "rollback", "weight", "reload", "eject", "readmit", "overrid
 class EventLog:
     """Append-only record of what the router decided and who owns it."""
 
-    def __init__(self, recorder: RouterRecorder | None = None, path: str | None = None,
-                 keep: int = 1000) -> None:
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None = None,
+                 path: str | None = None, keep: int = 1000) -> None:
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
-        self._recorder = recorder
+        self._sink = sink  # e.g. the router's ledger writer (router_events table)
         self.path = path
 
     def record(self, kind: str, *, model: str | None = None, deployment: str | None = None,
@@ -47,8 +46,8 @@ class EventLog:
                     fh.write(json.dumps(event, sort_keys=True) + "\n")
             except OSError as exc:  # an unwritable log must not take routing down
                 log.error("cannot append to events file %s: %s", self.path, exc)
-        if self._recorder is not None:
-            self._recorder.event(event)
+        if self._sink is not None:
+            self._sink(event)
         return event
 
     def recent(self, limit: int = 100, kind: str | None = None) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 Streaming responses pass through byte for byte. After the first byte reached the client, a
 replica failure ends the stream with an OpenAI-style error event (it cannot be retried). When a
-request finishes the router counts it, queues its trace row, feeds the canary watchdog and, for
-sampled primary requests, offers a shadow job.
+request finishes it is settled by the router's ``Accounts`` (counters, trace row, watchdog
+sample) and, for sampled primary requests, offered to the shadow mirror.
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from typing import TYPE_CHECKING
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from llmserve.observability.ledger import TraceRecord
 from llmserve.observability.tracing import context_from_headers
-from llmserve.routing.backends import Capture
 from llmserve.routing.canary import CANARY, PIN_HEADER, PRIMARY, assign
-from llmserve.routing.gate import TraceSample
 from llmserve.routing.policies import routing_key
-from llmserve.routing.records import RequestInfo, build_record
+from llmserve.routing.records import RequestInfo
 from llmserve.routing.shadow import ShadowJob
-from llmserve.routing.upstream import Opened, UpstreamError, open_upstream
+from llmserve.routing.state import ModelState
+from llmserve.routing.upstream import Opened, UpstreamError
 
 if TYPE_CHECKING:
-    from llmserve.routing.router import ModelState, Router
+    from llmserve.routing.router import Router
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error",
@@ -53,6 +51,12 @@ class Call:
     key: str | None
     shadowed: bool = False
     finished: bool = False
+
+    async def open(self, deployment: str, keep_text: bool = False) -> Opened:
+        """Send this request to a replica of ``deployment``."""
+        return await self.router.upstream.open(
+            self.state.pool(deployment), deployment, self.upstream_body(deployment),
+            self.headers, self.key, self.info, keep_text)
 
     def upstream_body(self, deployment: str) -> bytes:
         target = self.state.deployment(deployment).backend_model
@@ -111,21 +115,17 @@ async def handle(router: Router, headers: Mapping[str, str], raw: bytes, endpoin
                 routing_key(state.route.policy, body, state.route.prefix_chars))
     call.shadowed = route == PRIMARY and state.mirror is not None and state.mirror.sampled()
     try:
-        opened = await open_upstream(router, state, deployment, call.upstream_body(deployment),
-                                     headers, call.key, info, call.shadowed)
+        opened = await call.open(deployment, call.shadowed)
     except UpstreamError as exc:
         if route != CANARY or pinned:
             return _fail(call, exc)
         # A broken canary must not fail its users: count the failure against the canary for
         # the watchdog, then serve the request from the primary.
         if state.route.watchdog is not None:
-            router.window.add(info.model, deployment,
-                              TraceSample(status="error", error_type=exc.code))
+            router.accounts.canary_failed(info.model, deployment, exc.code)
         call.deployment, info.route = state.primary, PRIMARY
         try:
-            opened = await open_upstream(router, state, call.deployment,
-                                         call.upstream_body(call.deployment), headers, call.key,
-                                         info)
+            opened = await call.open(call.deployment)
         except UpstreamError as exc2:
             return _fail(call, exc2)
     return _respond(call, opened)
@@ -194,32 +194,15 @@ async def _relay(call: Call, opened: Opened):
         _finish(call, opened, status, error_type)
 
 
-def _sample(record: TraceRecord) -> TraceSample:
-    return TraceSample(
-        status=record.status, error_type=record.error_type, ttft=record.ttft, tpot=record.tpot,
-        e2e_latency=record.e2e_latency, prompt_tokens=record.prompt_tokens,
-        completion_tokens=record.completion_tokens, cost_usd=record.cost_usd,
-        model_version=record.model_version, prompt_version=record.prompt_version,
-        owner=record.extra.get("owner"))
-
-
 def _finish(call: Call, opened: Opened | None, status: str, error_type: str | None) -> None:
-    """Account for a finished request: replica load, counters, trace row, watchdog, shadow."""
-    router, state, info = call.router, call.state, call.info
+    """Settle a finished request once, then offer a sampled primary to the shadow mirror."""
     if call.finished:
         return
     call.finished = True
-    if opened is not None:
-        opened.release()
-        cap = opened.capture
-    else:
-        cap = Capture(start=info.start, streaming=info.stream, end=time.perf_counter())
-    record = build_record(info, cap, state.deployment(call.deployment), status, error_type,
-                          router.recorder.user_key)
-    router.counts[(info.model, call.deployment, info.route, status)] += 1
-    router.recorder.trace(record)
-    if state.route.watchdog is not None:  # only watched models keep a window of samples
-        router.window.add(info.model, call.deployment, _sample(record))
+    state, info = call.state, call.info
+    record, cap = call.router.accounts.settle(
+        info, opened, state.deployment(call.deployment), status, error_type,
+        watched=state.route.watchdog is not None)  # only watched models keep a sample window
     shadow = state.route.shadow
     if call.shadowed and status == "ok" and state.mirror is not None and shadow is not None:
         state.mirror.offer(ShadowJob(info.model, shadow.deployment,

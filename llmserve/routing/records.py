@@ -1,10 +1,11 @@
 """What the router writes: trace rows in the ledger, shadow comparisons and routing events.
 
-Trace rows go to the trace ledger's ``traces`` table (``llmserve.observability.ledger``) through
-its writer thread, so a request never waits on the disk. The router adds to each row, under
-``extra``, the deployment that served it and that deployment's owner: the gate reads them back.
-Shadow comparisons and events have their own tables in the same SQLite file, written through a
-single small executor thread.
+Everything goes through the trace ledger's one writer thread (``llmserve.observability.ledger``),
+so a request never waits on the disk and the file never has a second writer. The router adds
+to each trace row, under ``extra``, the deployment that served it and that deployment's owner:
+the gate reads them back. Shadow comparisons and events are tables of their own in the same
+file, declared to the ledger when it opens. Rows are priced by the same rule as the server's
+(``llmserve.observability.cost.price_record``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from llmserve import __version__
-from llmserve.observability.ledger import TraceLedger, TraceRecord
+from llmserve.observability.cost import price_record
+from llmserve.observability.ledger import Table, TraceLedger, TraceRecord
 from llmserve.observability.tracing import TraceContext, hash_user
 from llmserve.routing.backends import Capture
 from llmserve.routing.config import Deployment
@@ -42,6 +41,8 @@ COMPARISON_FIELDS = ("trace_id", "created", "model", "primary_deployment", "shad
                      "exact_match", "token_agreement", "length_delta", "latency_delta", "cost_delta")
 FLUSH_S = 0.05  # how long a trace row may wait in the router before it is queued for disk
 EVENT_FIELDS = ("ts", "kind", "model", "deployment", "owner", "actor", "reason", "detail")
+COMPARISONS = Table("router_shadow_comparisons", COMPARISONS_SQL, COMPARISON_FIELDS)
+EVENTS = Table("router_events", EVENTS_SQL, EVENT_FIELDS)
 
 
 @dataclass
@@ -65,13 +66,7 @@ def build_record(info: RequestInfo, cap: Capture, dep: Deployment, status: str,
                  error_type: str | None, user_key: bytes | None) -> TraceRecord:
     """A ledger row for one forwarded request (primary, canary or shadow)."""
     end = cap.end if cap.end is not None else time.perf_counter()
-    cost: dict[str, Any] = {}
-    if dep.pricing is not None:
-        c = dep.pricing.cost(cap.prompt_tokens, cap.cached_tokens, cap.output_tokens)
-        cost = {"cost_mode": "list", "cost_usd": c.total_usd, "input_cost_usd": c.input_usd,
-                "cached_input_cost_usd": c.cached_input_usd, "output_cost_usd": c.output_usd,
-                "cost_partial": status != "ok"}
-    return TraceRecord(
+    record = TraceRecord(
         trace_id=info.trace.trace_id, span_id=info.trace.span_id,
         parent_span_id=info.trace.parent_span_id, parent_trace_id=info.parent_trace_id,
         request_id=info.request_id,
@@ -84,27 +79,20 @@ def build_record(info: RequestInfo, cap: Capture, dep: Deployment, status: str,
         completion_tokens=cap.output_tokens, ttft=cap.ttft, tpot=cap.tpot,
         e2e_latency=end - info.start, finish_reason=cap.finish_reason, error_type=error_type,
         http_status=cap.status_code or None,
-        extra={"deployment": dep.name, "owner": dep.owner}, **cost,
+        extra={"deployment": dep.name, "owner": dep.owner},
     )
+    price_record(record, dep.pricing)
+    return record
 
 
 class RouterRecorder:
-    """Writes trace rows, comparisons and events to the trace DB (a no-op without one)."""
+    """Hands trace rows, comparisons and events to the trace ledger (a no-op without one)."""
 
     def __init__(self, trace_db: str | None) -> None:
         self.path = trace_db
-        self.ledger: TraceLedger | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-records")
+        self.ledger = TraceLedger(trace_db, tables=(COMPARISONS, EVENTS)) if trace_db else None
         self.dropped_rows = 0
         self._buffer: list[TraceRecord] = []
-        if trace_db:
-            self.ledger = TraceLedger(trace_db)  # creates the file and the traces table
-            self._conn = sqlite3.connect(trace_db, timeout=30, check_same_thread=False)
-            with self._conn:
-                self._conn.execute(COMPARISONS_SQL)
-                self._conn.execute(EVENTS_SQL)
 
     @property
     def user_key(self) -> bytes | None:
@@ -135,39 +123,32 @@ class RouterRecorder:
                 self.dropped_rows += 1
                 log.warning("trace row dropped: %s", exc)
 
-    def _insert(self, table: str, fields: tuple[str, ...], row: dict[str, Any]) -> None:
-        if self._conn is None:
-            return
-        sql = f"INSERT INTO {table} ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})"
-        with self._lock, self._conn:
-            self._conn.execute(sql, [row.get(f) for f in fields])
+    def _row(self, table: Table, row: dict[str, Any]):
+        if self.ledger is None:
+            return None
+        try:
+            return self.ledger.submit_row(table.name, row, timeout=0)  # never block the loop
+        except RuntimeError as exc:
+            self.dropped_rows += 1
+            log.warning("%s row dropped: %s", table.name, exc)
+            return None
 
     def comparison(self, row: dict[str, Any]) -> asyncio.Future | None:
-        """Insert a shadow comparison row off the event loop."""
-        if self._conn is None:
-            return None
-        return asyncio.get_running_loop().run_in_executor(
-            self._pool, self._insert, "router_shadow_comparisons", COMPARISON_FIELDS, row)
+        """Queue a shadow comparison row; the returned future resolves once it is committed."""
+        future = self._row(COMPARISONS, row)
+        return asyncio.wrap_future(future) if future is not None else None
 
     def event(self, row: dict[str, Any]) -> None:
-        """Insert an event row (rare; fire and forget on the records thread)."""
-        if self._conn is None:
-            return
-        row = dict(row, detail=json.dumps(row.get("detail") or {}, sort_keys=True))
-        self._pool.submit(self._insert, "router_events", EVENT_FIELDS, row)
+        """Queue an event row (rare; fire and forget)."""
+        self._row(EVENTS, dict(row, detail=json.dumps(row.get("detail") or {}, sort_keys=True)))
 
     def flush(self) -> None:
         """Block until everything recorded so far is on disk (tests and shutdown)."""
-        self._pool.submit(lambda: None).result()
         if self.ledger is not None:
             self._submit_buffer()
             self.ledger.flush()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
         if self.ledger is not None:
             self._submit_buffer()
             self.ledger.close()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None

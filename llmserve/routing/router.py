@@ -5,71 +5,34 @@ generation and swaps one reference: requests already in flight keep the generati
 with (and replica state is shared by URL), so nothing is dropped. Promotions, rollbacks and
 weight changes are runtime overrides that survive reloads as long as the file still routes that
 model the way it did when the override was made; once the file's routing changes, the file wins.
+
+The router is the one owner of this state (its types live in ``state.py``). The parts around it
+(upstream, watchdog, shadow replay, health monitor) receive callables, never the router; every
+finished request, client or shadow, is settled by one ``Accounts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from llmserve.routing.accounting import Accounts
 from llmserve.routing.backends import ReplicaRegistry, ReplicaState
-from llmserve.routing.config import Deployment, ModelRoute, RouterConfig, load_config
+from llmserve.routing.config import ModelRoute, RouterConfig, load_config
 from llmserve.routing.events import EventLog
 from llmserve.routing.health import HealthMonitor
-from llmserve.routing.policies import Policy, make_policy
+from llmserve.routing.policies import make_policy
 from llmserve.routing.records import RouterRecorder
-from llmserve.routing.shadow import ShadowMirror, run_shadow
+from llmserve.routing.shadow import ShadowMirror
+from llmserve.routing.shadow_replay import ShadowReplay
+from llmserve.routing.state import ModelState, Override, file_routing
+from llmserve.routing.upstream import Upstream
 from llmserve.routing.watchdog import CanaryWatchdog, SampleWindow
 
 log = logging.getLogger("llmserve.router")
-
-
-@dataclass(frozen=True)
-class Override:
-    """A runtime routing decision and the file routing it was made against."""
-
-    file_routing: tuple[str, str | None, float]
-    primary: str
-    canary: str | None
-    canary_weight: float
-
-
-@dataclass
-class ModelState:
-    """One public model in one config generation."""
-
-    route: ModelRoute
-    primary: str
-    canary: str | None
-    canary_weight: float
-    replicas: dict[str, list[ReplicaState]]
-    policies: dict[str, Policy]
-    overridden: bool = False
-    mirror: ShadowMirror | None = field(default=None, repr=False)
-
-    def deployment(self, name: str) -> Deployment:
-        return self.route.deployments[name]
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "primary": self.primary, "canary": self.canary, "canary_weight": self.canary_weight,
-            "policy": self.route.policy, "overridden": self.overridden,
-            "shadow": ({"deployment": self.route.shadow.deployment, **self.mirror.stats()}
-                       if self.route.shadow and self.mirror else None),
-            "deployments": {
-                name: {"owner": dep.owner, "model_version": dep.model_version,
-                       "replicas": [r.snapshot() for r in self.replicas[name]]}
-                for name, dep in self.route.deployments.items()},
-        }
-
-
-def _file_routing(route: ModelRoute) -> tuple[str, str | None, float]:
-    return route.primary, route.canary, route.canary_weight
 
 
 class Router:
@@ -80,10 +43,9 @@ class Router:
         self.config_path = config_path
         self.registry = ReplicaRegistry()
         self.recorder = RouterRecorder(config.trace_db)
-        self.events = EventLog(self.recorder, config.events_file)
+        self.events = EventLog(self.recorder.event, config.events_file)
         self.window = SampleWindow()
-        self.watchdog = CanaryWatchdog(self, self.window)
-        self.counts: Counter[tuple[str, str, str, str]] = Counter()
+        self.accounts = Accounts(self.recorder, self.window)
         self.overrides: dict[str, Override] = {}
         self._mirrors: dict[str, ShadowMirror] = {}
         self.client = httpx.AsyncClient(
@@ -91,6 +53,14 @@ class Router:
             timeout=self.timeout, trust_env=False)
         self.health = HealthMonitor(self.client, self.registry.all, config.health,
                                     self._replica_changed)
+        # The parts below get callables, never the router: they see reloads at once and
+        # cannot reach the router's other state.
+        self.upstream = Upstream(self.client, lambda: self.timeout,
+                                 lambda: self.config.max_attempts, self.health.failure)
+        self.watchdog = CanaryWatchdog(self.window, lambda: self.models, self.rollback,
+                                       self._watchdog_failed)
+        self.shadow_replay = ShadowReplay(lambda: self.models, self.upstream, self.accounts,
+                                          self.recorder.comparison)
         self.models: dict[str, ModelState] = self._build(config)
 
     @property
@@ -117,13 +87,13 @@ class Router:
     def _build(self, config: RouterConfig) -> dict[str, ModelState]:
         models = {}
         for name, route in config.models.items():
-            primary, canary, weight = _file_routing(route)
+            primary, canary, weight = file_routing(route)
             override = self.overrides.get(name)
             overridden = False
             if override is not None:
                 usable = override.primary in route.deployments and (
                     override.canary is None or override.canary in route.deployments)
-                if override.file_routing == _file_routing(route) and usable:
+                if override.file_routing == file_routing(route) and usable:
                     primary, canary, weight = override.primary, override.canary, override.canary_weight
                     overridden = True
                 else:
@@ -156,8 +126,7 @@ class Router:
             return old
         if old is not None:
             self._retire(old)
-        mirror = ShadowMirror(lambda job: run_shadow(self, job), cfg.percent, cfg.queue_size,
-                              cfg.concurrency)
+        mirror = ShadowMirror(self.shadow_replay, cfg.percent, cfg.queue_size, cfg.concurrency)
         self._mirrors[name] = mirror
         return mirror
 
@@ -199,7 +168,7 @@ class Router:
              weight: float) -> None:
         state.primary, state.canary, state.canary_weight = primary, canary, weight
         state.overridden = True
-        self.overrides[model] = Override(_file_routing(state.route), primary, canary, weight)
+        self.overrides[model] = Override(file_routing(state.route), primary, canary, weight)
 
     def promote(self, model: str, deployment: str | None = None, actor: str = "admin",
                 reason: str = "") -> dict[str, Any]:
@@ -251,6 +220,9 @@ class Router:
                                   owner=state.deployment(state.canary).owner, actor=actor,
                                   reason=reason or f"weight {previous:g} -> {weight:g}",
                                   previous_weight=previous, weight=float(weight))
+
+    def _watchdog_failed(self, exc: Exception) -> None:
+        self.events.record("watchdog_error", reason=repr(exc))
 
     def _replica_changed(self, replica: ReplicaState, kind: str) -> None:
         self.events.record(kind, actor="health", reason=replica.last_error or "healthy again",

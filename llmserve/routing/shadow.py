@@ -1,9 +1,10 @@
 """Shadow traffic: mirror a share of primary requests to another deployment, off the hot path.
 
 After the primary response has been sent, the request is offered to a bounded queue; worker
-tasks replay it against the shadow deployment and record its trace (route ``shadow``, same trace
-id, the primary's span as parent) plus a comparison with the primary's answer. When the queue is
-full the job is dropped and counted: shadow work never waits on, or slows, a client.
+tasks hand it to the replay the router gave the mirror (``shadow_replay.py``), which sends it to
+the shadow deployment and records its trace (route ``shadow``, same trace id, the primary's span
+as parent) plus the comparison with the primary's answer built here. When the queue is full the
+job is dropped and counted: shadow work never waits on, or slows, a client.
 """
 
 from __future__ import annotations
@@ -12,19 +13,12 @@ import asyncio
 import logging
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmserve.observability.ledger import TraceRecord
-from llmserve.observability.tracing import TraceContext, new_span_id
-from llmserve.routing.backends import Capture
-from llmserve.routing.records import RequestInfo, build_record
-from llmserve.routing.upstream import Opened, UpstreamError, open_upstream, read_all
-
-if TYPE_CHECKING:
-    from llmserve.routing.router import Router
+from llmserve.routing.records import RequestInfo
 
 log = logging.getLogger("llmserve.router")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -147,37 +141,3 @@ class ShadowMirror:
         return {"percent": self.percent, "queued": self._queue.qsize(),
                 "queue_size": self.queue_size, "offered": self.offered, "dropped": self.dropped,
                 "completed": self.completed, "failed": self.failed}
-
-
-async def run_shadow(router: Router, job: ShadowJob) -> None:
-    """Replay a primary request on the shadow deployment; record its trace and the comparison."""
-    state = router.models.get(job.model)
-    if state is None or job.deployment not in state.route.deployments:
-        return  # a reload removed the shadow since the job was queued
-    primary, src = job.primary, job.info
-    # Same trace, a span of its own whose parent is the primary's span.
-    trace = TraceContext(trace_id=primary.trace_id, span_id=new_span_id(),
-                         parent_span_id=primary.span_id)
-    info = RequestInfo(trace=trace, request_id=f"{primary.request_id}-shadow",
-                       start_wall=time.time(), start=time.perf_counter(), endpoint=src.endpoint,
-                       model=job.model, user=src.user, prompt_version=src.prompt_version,
-                       stream=src.stream, route="shadow", parent_trace_id=primary.trace_id)
-    opened: Opened | None = None
-    try:
-        opened = await open_upstream(router, state, job.deployment, job.body, {}, None, info,
-                                     keep_text=True)
-        status, error_type = await read_all(opened)
-    except UpstreamError as exc:
-        status, error_type = "error", exc.code
-    finally:
-        if opened is not None:
-            opened.release()
-    cap = opened.capture if opened else Capture(start=info.start, streaming=info.stream,
-                                                end=time.perf_counter())
-    record = build_record(info, cap, state.deployment(job.deployment), status, error_type,
-                          router.recorder.user_key)
-    router.recorder.trace(record)
-    router.counts[(job.model, job.deployment, "shadow", status)] += 1
-    pending = router.recorder.comparison(compare(job, record, cap.text))
-    if pending is not None:
-        await pending

@@ -9,17 +9,15 @@ chunk before it commits to a response, so "not started streaming" is exactly "no
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from llmserve.routing.backends import MODEL_VERSION_HEADER, Capture, ReplicaState
+from llmserve.routing.policies import Policy
 from llmserve.routing.records import RequestInfo
-
-if TYPE_CHECKING:
-    from llmserve.routing.router import ModelState, Router
 
 _RETRY_STATUS = (502, 503, 504)
 # Transport failures that prove the replica did not produce an answer for us. A read timeout is
@@ -72,66 +70,80 @@ def upstream_headers(info: RequestInfo, replica: ReplicaState,
     return headers
 
 
-async def _attempt(router: Router, replica: ReplicaState, endpoint: str, body: bytes,
-                   headers: dict[str, str], info: RequestInfo, keep_text: bool) -> Opened:
-    req = router.client.build_request("POST", replica.url + endpoint, content=body,
-                                      headers=headers, timeout=router.timeout)
-    resp = await router.client.send(req, stream=True)
-    try:
-        cap = Capture(start=info.start, streaming=info.stream, keep_text=keep_text,
-                      status_code=resp.status_code,
-                      model_version=resp.headers.get(MODEL_VERSION_HEADER))
-        if resp.status_code in _RETRY_STATUS:
-            await resp.aread()
-            raise UpstreamError(502, f"replica answered HTTP {resp.status_code}", "upstream_error")
-        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-        if info.stream and resp.status_code == 200 and is_sse:
-            chunks = resp.aiter_raw()
-            first = await anext(chunks, b"")
-            return Opened(replica, resp, cap, first=first, chunks=chunks)
-        data = await resp.aread()
-        await resp.aclose()
-        return Opened(replica, resp, cap, body=data)
-    except BaseException:
-        await resp.aclose()
-        raise
+@dataclass
+class Upstream:
+    """Sends requests to replicas over the router's client.
 
-
-async def open_upstream(router: Router, state: ModelState, deployment: str, body: bytes,
-                        client_headers: Mapping[str, str], key: str | None, info: RequestInfo,
-                        keep_text: bool = False) -> Opened:
-    """Try replicas of ``deployment`` until one answers.
-
-    Raises:
-        UpstreamError: no healthy replica (503), or every attempt failed (502).
+    The router's live settings and its health monitor come in as callables (as they do for
+    ``HealthMonitor``), so a config reload is seen at once and nothing here reaches into the
+    router.
     """
-    policy, replicas = state.policies[deployment], state.replicas[deployment]
-    tried: set[str] = set()
-    last = "no healthy replica"
-    for _ in range(router.config.max_attempts):
-        replica = policy.pick(replicas, key, tried)
-        if replica is None:
-            break
-        tried.add(replica.url)
-        replica.outstanding += 1
-        headers = upstream_headers(info, replica, client_headers)
+
+    client: httpx.AsyncClient
+    timeout: Callable[[], httpx.Timeout]
+    max_attempts: Callable[[], int]
+    report_failure: Callable[[ReplicaState, str, bool], None]  # (replica, reason, eject now)
+
+    async def open(self, pool: tuple[Policy, list[ReplicaState]], deployment: str, body: bytes,
+                   client_headers: Mapping[str, str], key: str | None, info: RequestInfo,
+                   keep_text: bool = False) -> Opened:
+        """Try replicas of ``deployment`` (its ``pool``: policy and replicas) until one answers.
+
+        Raises:
+            UpstreamError: no healthy replica (503), or every attempt failed (502).
+        """
+        policy, replicas = pool
+        tried: set[str] = set()
+        last = "no healthy replica"
+        for _ in range(self.max_attempts()):
+            replica = policy.pick(replicas, key, tried)
+            if replica is None:
+                break
+            tried.add(replica.url)
+            replica.outstanding += 1
+            headers = upstream_headers(info, replica, client_headers)
+            try:
+                return await self._attempt(replica, body, headers, info, keep_text)
+            except RETRYABLE as exc:
+                replica.outstanding -= 1
+                last = f"{replica.url}: {type(exc).__name__}"
+                self.report_failure(replica, last, isinstance(exc, httpx.ConnectError))
+            except UpstreamError as exc:
+                replica.outstanding -= 1
+                last = f"{replica.url}: {exc.message}"
+            except BaseException:
+                replica.outstanding -= 1
+                raise
+        if not tried:
+            raise UpstreamError(503, f"no healthy replica for deployment {deployment!r}",
+                                "no_healthy_replica")
+        raise UpstreamError(502, f"every attempt failed for deployment {deployment!r} ({last})",
+                            "upstream_unreachable")
+
+    async def _attempt(self, replica: ReplicaState, body: bytes, headers: dict[str, str],
+                       info: RequestInfo, keep_text: bool) -> Opened:
+        req = self.client.build_request("POST", replica.url + info.endpoint, content=body,
+                                        headers=headers, timeout=self.timeout())
+        resp = await self.client.send(req, stream=True)
         try:
-            return await _attempt(router, replica, info.endpoint, body, headers, info, keep_text)
-        except RETRYABLE as exc:
-            replica.outstanding -= 1
-            last = f"{replica.url}: {type(exc).__name__}"
-            router.health.failure(replica, last, immediate=isinstance(exc, httpx.ConnectError))
-        except UpstreamError as exc:
-            replica.outstanding -= 1
-            last = f"{replica.url}: {exc.message}"
+            cap = Capture(start=info.start, streaming=info.stream, keep_text=keep_text,
+                          status_code=resp.status_code,
+                          model_version=resp.headers.get(MODEL_VERSION_HEADER))
+            if resp.status_code in _RETRY_STATUS:
+                await resp.aread()
+                raise UpstreamError(502, f"replica answered HTTP {resp.status_code}",
+                                    "upstream_error")
+            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            if info.stream and resp.status_code == 200 and is_sse:
+                chunks = resp.aiter_raw()
+                first = await anext(chunks, b"")
+                return Opened(replica, resp, cap, first=first, chunks=chunks)
+            data = await resp.aread()
+            await resp.aclose()
+            return Opened(replica, resp, cap, body=data)
         except BaseException:
-            replica.outstanding -= 1
+            await resp.aclose()
             raise
-    if not tried:
-        raise UpstreamError(503, f"no healthy replica for deployment {deployment!r}",
-                            "no_healthy_replica")
-    raise UpstreamError(502, f"every attempt failed for deployment {deployment!r} ({last})",
-                        "upstream_unreachable")
 
 
 async def read_all(opened: Opened) -> tuple[str, str | None]:

@@ -4,6 +4,9 @@ Every ``interval_s`` the watchdog compares the canary's requests of the last ``w
 with the primary's over the same window. When the gate says rollback, the canary's weight goes
 to 0 and an event names the owner and the failing rules. The watchdog never promotes: promotion
 is a decision for the gate on the full ledger, or for a person.
+
+The router hands the watchdog what it needs as callables: the live models, its ``rollback``, and
+where to report a failed check.
 """
 
 from __future__ import annotations
@@ -12,13 +15,11 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from llmserve.routing.gate import ROLLBACK, Decision, TraceSample, decide
-
-if TYPE_CHECKING:
-    from llmserve.routing.router import Router
+from llmserve.routing.state import ModelState
 
 log = logging.getLogger("llmserve.router")
 _MAX_SAMPLES = 50_000  # per deployment: bounds memory under heavy traffic
@@ -54,9 +55,12 @@ class SampleWindow:
 class CanaryWatchdog:
     """Checks every live canary on a timer and rolls back broken ones."""
 
-    def __init__(self, router: Router, window: SampleWindow) -> None:
-        self._router = router
+    def __init__(self, window: SampleWindow, models: Callable[[], Mapping[str, ModelState]],
+                 rollback: Callable[..., Any], on_error: Callable[[Exception], None]) -> None:
         self.window = window
+        self._models = models
+        self._rollback = rollback  # (model, reason=, actor=, evidence=) like Router.rollback
+        self._on_error = on_error
         self._task: asyncio.Task | None = None
         self.last_decisions: dict[str, Decision] = {}
 
@@ -71,7 +75,7 @@ class CanaryWatchdog:
             self._task = None
 
     def _interval(self) -> float:
-        intervals = [m.route.watchdog.interval_s for m in self._router.models.values()
+        intervals = [m.route.watchdog.interval_s for m in self._models().values()
                      if m.route.watchdog is not None and m.route.watchdog.enabled]
         return min(intervals, default=1.0)
 
@@ -82,12 +86,12 @@ class CanaryWatchdog:
                 self.check_all()
             except Exception as exc:  # keep watching even if one check blows up
                 log.exception("canary watchdog check failed")
-                self._router.events.record("watchdog_error", reason=repr(exc))
+                self._on_error(exc)
 
     def check_all(self) -> list[Decision]:
         """Evaluate every model with a live canary; roll back the broken ones."""
         out = []
-        for name, state in list(self._router.models.items()):
+        for name, state in list(self._models().items()):
             wd = state.route.watchdog
             if wd is None or not wd.enabled or state.canary is None or state.canary_weight <= 0:
                 continue
@@ -101,6 +105,6 @@ class CanaryWatchdog:
             out.append(decision)
             if decision.action == ROLLBACK:
                 reason = "live canary failed the gate: " + "; ".join(decision.reasons)
-                self._router.rollback(name, reason=reason, actor="watchdog",
+                self._rollback(name, reason=reason, actor="watchdog",
                                       evidence=decision.to_dict())
         return out

@@ -38,7 +38,8 @@ def traced_server(checkpoint: pathlib.Path, db: pathlib.Path, pricing: str | Non
     a thread, or in its own process as `llmserve serve` runs it)."""
     from llmserve.engine.async_engine import AsyncEngine
     from llmserve.engine.llm_engine import LLMEngine
-    from llmserve.observability.recorder import TraceOptions, install_trace_ledger
+    from llmserve.observability.trace_app import install_trace_ledger
+    from llmserve.observability.trace_options import TraceOptions
     from llmserve.server.openai.app import create_app
     from llmserve.server.openai.server import serve_in_background
 

@@ -107,8 +107,8 @@ async def test_client_leaving_mid_stream_frees_the_replica_and_records_an_abort(
                         break  # read one chunk, then hang up
             replica = router.registry.get(u1, None)
             for _ in range(100):
-                if replica.outstanding == 0 and router.counts:
+                if replica.outstanding == 0 and router.accounts.counts:
                     break
                 await asyncio.sleep(0.02)
             assert replica.outstanding == 0
-            assert router.counts[("chat", "v1", "primary", "aborted")] == 1
+            assert router.accounts.counts[("chat", "v1", "primary", "aborted")] == 1
