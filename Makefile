@@ -1,19 +1,30 @@
 # Dev and CI set-up: a local .venv with the CPU build of torch pinned by constraints.txt.
+# Two stamps: `make serve` installs only what serving needs (the package and its runtime
+# dependencies); `make install`, `make test`, `lint` and `bench` add the dev extras (test, lint,
+# schema-fuzzing and benchmark tools). The dev install includes the serving one.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 ARGS ?=
 
-.PHONY: install test test-async serve bench lint clean peer-vllm
+.PHONY: install install-serve test test-async serve bench lint clean peer-vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $(SERVE_STAMP)
 
 install: $(STAMP)
+
+install-serve: $(SERVE_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
@@ -23,7 +34,7 @@ ASYNC_TESTS := tests/engine tests/server/test_engine_process.py
 test-async: $(STAMP)
 	LLMSERVE_ASYNC_SCHEDULING=1 $(PY) -m pytest -q $(ASYNC_TESTS) $(ARGS)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(VENV)/bin/llmserve serve $(ARGS)
 
 bench: $(STAMP)

@@ -1,15 +1,14 @@
-"""Tokenizer for Hugging Face checkpoint directories, chat templates, incremental detokenizing.
+"""Tokenizer for Hugging Face checkpoint directories: encode, decode, token bytes, chat templates.
 
-Only files inside the model directory are read (``tokenizer.json``, ``tokenizer_config.json``,
+Chat-message checks live in ``llmserve.chat_messages`` and incremental detokenizing in
+``llmserve.detokenizer``; both are re-exported here. Only files inside the model directory are read (``tokenizer.json``, ``tokenizer_config.json``,
 ``chat_template.jinja``, ``generation_config.json``); no remote code is ever run.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
-import os
 import pathlib
 import re
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,11 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+from llmserve.chat_messages import VALID_ROLES, validate_messages
+from llmserve.detokenizer import IncrementalDetokenizer
+
+__all__ = ["VALID_ROLES", "IncrementalDetokenizer", "Tokenizer", "validate_messages"]
+
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -239,127 +242,3 @@ class Tokenizer:
         if not isinstance(rendered, str):
             raise ValueError("chat template did not render to text")
         return rendered
-
-
-def _flatten_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of text parts")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"{where}.content[{j}]: only text parts are supported, got {kind!r}")
-        if not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}.content[{j}].text must be a string")
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check chat messages and return copies whose content is a plain string.
-
-    Raises ValueError naming the offending message for a non-list, an empty list, a message
-    that is not a dict, an unknown role, or content that is not text.
-    """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
-    out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ValueError(f"{where} must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in VALID_ROLES:
-            raise ValueError(f"{where}.role must be one of {sorted(VALID_ROLES)}, got {role!r}")
-        content = message.get("content")
-        if content is None and role == "assistant" and message.get("tool_calls"):
-            content = ""
-        out.append({**message, "content": _flatten_content(content, where)})
-    return out
-
-
-class IncrementalDetokenizer:
-    """Turn generated token ids into text deltas that never split a UTF-8 character.
-
-    Keeps two offsets into the token list: text is decoded from ``prefix_offset`` (a few tokens
-    of already emitted context, which decoders such as SentencePiece need for spacing) and the
-    delta is whatever that window adds beyond ``read_offset``. Each ``add`` decodes a window of a
-    few tokens, so the cost per token does not grow with the length of the output. Text is held
-    back only while the raw bytes end inside a character that later bytes may complete; bytes
-    that can never form a character are emitted as U+FFFD, exactly as a full decode shows them.
-    """
-
-    # Prompt tokens kept as decoding context; more than any tokenizer merges across.
-    _CONTEXT = 5
-    # Bound on held-back tokens for tokenizers whose token bytes are not exact.
-    _MAX_PENDING = 8
-
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
-                 skip_special_tokens: bool = True) -> None:
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        self._ids = list(prompt_token_ids)
-        self._num_prompt = len(self._ids)
-        self._read = len(self._ids)
-        self._prefix = max(self._read - self._CONTEXT, 0)
-        if self._read and self._ends_mid_character(self._prefix):
-            # A token-id prompt that stops inside a character: decode the output on its own,
-            # as a full decode of the output tokens would.
-            self._prefix = self._read
-        self._parts: list[str] = []
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The generated token ids so far (without the prompt)."""
-        return self._ids[self._num_prompt:]
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        return "".join(self._parts)
-
-    def add(self, token_id: int) -> str:
-        """Append one generated token; return the newly completed text ('' while held back)."""
-        self._ids.append(token_id)
-        return self._emit(force=False)
-
-    def flush(self) -> str:
-        """Emit held-back bytes (as U+FFFD) once generation is over; '' if nothing is held."""
-        return self._emit(force=True)
-
-    def _ends_mid_character(self, start: int) -> bool:
-        """True when the bytes of tokens ``start:`` end with the start of an unfinished char."""
-        tail = b""
-        for token_id in reversed(self._ids[start:]):
-            if self._skip and token_id in self._tok.special_token_ids:
-                continue  # skipped specials do not separate bytes in the decoded text
-            tail = self._tok.token_bytes(token_id) + tail
-            if len(tail) >= 3:
-                break
-        # An unfinished character has at most 3 bytes so far; its lead byte can never be a
-        # continuation byte, so looking at the last 3 bytes alone is exact.
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(tail[-3:], final=False)
-        return bool(decoder.getstate()[0])
-
-    def _emit(self, force: bool) -> str:
-        if self._read == len(self._ids):
-            return ""
-        prefix_text = self._tok.decode(self._ids[self._prefix:self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix:], self._skip)
-        if (not force and new_text.endswith("\ufffd")
-                and len(self._ids) - self._read < self._MAX_PENDING
-                and self._ends_mid_character(self._read)):
-            return ""
-        # The window normally extends the context's text; if a decoder rewrote the context
-        # (spacing clean-up), take what follows the part both agree on.
-        if new_text.startswith(prefix_text):  # the usual case, without commonprefix's Python loop
-            delta = new_text[len(prefix_text):]
-        else:
-            delta = new_text[len(os.path.commonprefix([prefix_text, new_text])):]
-        self._prefix, self._read = self._read, len(self._ids)
-        if delta:
-            self._parts.append(delta)
-        return delta

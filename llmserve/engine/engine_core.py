@@ -68,7 +68,7 @@ def run_engine_core(engine_kwargs: dict[str, Any], cpu_threads: int | None,
         engine = LLMEngine.from_args(**engine_kwargs)
         # Detokenizing is the frontend's job for requests without stop strings (see
         # OutputDecoder.detokenize): it keeps the step loop shorter.
-        engine.outputs.text_only_for_stop_strings = True
+        engine.outputs.frontend_detokenizes = True
         # Everything built so far lives as long as the process: move it out of the collector's
         # reach, so full collections (measured 0.3-1.3 s here) stop landing inside requests.
         gc.collect()

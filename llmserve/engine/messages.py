@@ -28,7 +28,7 @@ class AddRequest(NamedTuple):
     prompt: str | list[int] | dict
     params: SamplingParams
     arrival_time: float
-    priority: int
+    priority: int  # lower is served first (vLLM's convention); 0 by default, batch lines 10
 
 
 class Abort(NamedTuple):

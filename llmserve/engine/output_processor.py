@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmserve.engine.request import Request, RequestStatus
-from llmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from llmserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from llmserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -32,7 +32,7 @@ class _Completion:
     def __init__(self, tokenizer: Tokenizer, request: Request, with_text: bool = True) -> None:
         params = request.sampling_params
         self.request = request
-        # Without text (see OutputProcessor.text_only_for_stop_strings) the tokens are only
+        # Without text (see OutputProcessor.frontend_detokenizes) the tokens are only
         # counted: whoever reads the outputs detokenizes them.
         self.detok = IncrementalDetokenizer(
             tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
@@ -91,10 +91,13 @@ class _Completion:
 
 
 @dataclass
-class _Group:
+class _CompletionGroup:
+    """One user-visible request: its prompt and the completions of its n child requests."""
+
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Completion]
+    prompt_logprobs: PromptLogprobs | None = None  # once complete, with decoded tokens
 
     @property
     def finished(self) -> bool:
@@ -102,19 +105,26 @@ class _Group:
 
 
 class OutputProcessor:
+    """Builds the `RequestOutput`s of each step from the requests the scheduler changed.
+
+    Detokenizes each completion incrementally, applies stop strings (holding back text that may
+    still become one, and reporting the requests a stop string finished so the engine frees
+    them), and folds the n child requests of one user request into one output.
+    """
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.groups: dict[str, _Group] = {}
+        self.groups: dict[str, _CompletionGroup] = {}
         self.by_child: dict[str, _Completion] = {}
-        # Set by the engine-core process: text only for requests with stop strings (which need
-        # it to stop); the others' outputs carry tokens and an empty text, and the frontend
-        # detokenizes them off the step loop (`output_wire.OutputDecoder.detokenize`).
-        self.text_only_for_stop_strings = False
+        # Set by the engine-core process: the frontend detokenizes, off the step loop
+        # (`output_wire.OutputDecoder.detokenize`), so outputs carry tokens and an empty text;
+        # only requests with stop strings are still detokenized here (they need it to stop).
+        self.frontend_detokenizes = False
 
     def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
-        with_text = not self.text_only_for_stop_strings or bool(children[0].sampling_params.stop)
+        with_text = not self.frontend_detokenizes or bool(children[0].sampling_params.stop)
         completions = [_Completion(self.tokenizer, r, with_text) for r in children]
-        self.groups[parent_id] = _Group(prompt, children[0].prompt_token_ids, completions)
+        self.groups[parent_id] = _CompletionGroup(prompt, children[0].prompt_token_ids, completions)
         for c in completions:
             self.by_child[c.request.request_id] = c
 
@@ -156,12 +166,25 @@ class OutputProcessor:
             metrics=first.metrics,
             num_computed_prefill_tokens=sum(c.request.num_prefill_tokens_run for c in group.children),
             num_computed_decode_tokens=sum(c.request.num_decode_tokens_run for c in group.children),
+            prompt_logprobs=self._prompt_logprobs(group),
         )
         if out.finished:
             self.groups.pop(parent_id)
             for c in group.children:
                 self.by_child.pop(c.request.request_id, None)
         return out
+
+    def _prompt_logprobs(self, group: _CompletionGroup) -> PromptLogprobs | None:
+        """The first completion's prompt logprobs once all are scored, tokens decoded."""
+        first = group.children[0].request
+        if group.prompt_logprobs is None and first.prompt_logprobs is not None and (
+                not first.prompt_logprobs_pending):
+            for entry in first.prompt_logprobs:
+                for token_id, lp in (entry or {}).items():
+                    if lp.decoded_token is None:
+                        lp.decoded_token = self.tokenizer.decode_token(token_id)
+            group.prompt_logprobs = first.prompt_logprobs
+        return group.prompt_logprobs
 
     def children(self, parent_id: str) -> list[Request]:
         group = self.groups.get(parent_id)

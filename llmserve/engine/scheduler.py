@@ -2,21 +2,44 @@
 
 Every step each running request asks for the tokens it still has to compute (its length minus
 `num_computed_tokens`), capped by what is left of `max_num_batched_tokens`. Prefill, chunked
-prefill, prefix-cache hits, recompute after preemption and decode are all that one rule. When
-the KV pool cannot hold a running request's next tokens, the newest running request is
-preempted (its blocks freed, its progress reset, put back at the front of the queue).
+prefill, prefix-cache hits, recompute after preemption and decode are all that one rule.
+
+Priority (vLLM's priority policy): lower `Request.priority` values are served first, ties in
+arrival order. Both queues are kept in that order, so running requests get the token budget
+most urgent first, waiting ones are admitted most urgent first, and when the KV pool cannot
+hold a running request's next tokens the least urgent running request (the newest within its
+class) is preempted: its blocks freed, its progress reset, and it is put back at the front of
+its priority class in the waiting queue. A waiting request that is more urgent than a running
+one and cannot be admitted (no free sequence slot or too few free blocks) preempts running
+requests less urgent than itself, least urgent first. With every priority equal this is plain
+first-come first-served.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from llmserve.config import SchedulerConfig
 from llmserve.engine.kv_cache_manager import KVCacheManager
 from llmserve.engine.request import Request, RequestStatus
+from llmserve.engine.request_queue import RequestQueue, insertion_index
+
+
+class ScheduledRequest(NamedTuple):
+    """One entry of a step's batch: the request and how many tokens it computes this step."""
+
+    request: Request
+    num_new_tokens: int
+
+
+class StepWork(NamedTuple):
+    """Tokens computed for one user request (all its n children) in a step, for cost attribution."""
+
+    prefill_tokens: int  # prompt, prompt chunks, recompute after preemption
+    decode_tokens: int  # one per decode whose token was kept
 
 
 @dataclass
@@ -29,7 +52,7 @@ class SchedulerOutput:
     the previous step: the model runner keeps its block tables in step with these deltas.
     """
 
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)
     freed_ids: list[str] = field(default_factory=list)
@@ -37,15 +60,16 @@ class SchedulerOutput:
     sample_indices: list[int] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
-    # Filled by update_from_output: parent request id -> (prefill-style tokens, decode tokens).
-    work: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Parent request id -> its work: prefill-style tokens when scheduled, decodes once kept
+    # (filled by update_from_output).
+    work: dict[str, StepWork] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
     def add(self, request: Request, num_new: int, new_blocks: list[int]) -> None:
-        self.scheduled.append((request, num_new))
+        self.scheduled.append(ScheduledRequest(request, num_new))
         self.starts.append(request.num_computed_tokens)
         self.new_block_ids.append(new_blocks)
 
@@ -53,11 +77,15 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, each step, which requests run and how many tokens each computes.
 
-    Running requests go first, oldest first; waiting ones are admitted first-come first-served
-    while the token budget, `max_num_seqs` and the KV pool allow. Scheduling a request advances
-    its `num_computed_tokens` at once, and a request that will sample gets an output
-    placeholder, so the next step can be scheduled while this one still runs (async
-    scheduling); `update_from_output` later appends the sampled tokens and applies stops.
+    Running requests go first, in priority order (lower value first, then oldest admitted);
+    waiting ones are admitted by (priority, arrival) while the token budget, `max_num_seqs` and
+    the KV pool allow. Drive it with `schedule()`, then `update_from_output()` with the tokens
+    the step sampled; `abort()` and `finish()` free a request's blocks at any time.
+
+    Scheduling a request advances its `num_computed_tokens` at once, and a request that will
+    sample gets an output placeholder, so the next step can be scheduled while this one still
+    runs (async scheduling); `update_from_output` later appends the sampled tokens and applies
+    stops.
     """
 
     def __init__(
@@ -66,8 +94,8 @@ class Scheduler:
         self.config = config
         self.kv = kv_manager
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting = RequestQueue()  # (priority, arrival) order
+        self.running: list[Request] = []  # priority order, then admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._freed: list[str] = []  # released since the last schedule(), for the runner
@@ -75,7 +103,7 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -85,6 +113,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         now = time.time()
+        self._preempt_for_waiting(out)
+        num_preempted_for_waiting = len(out.preempted)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -94,7 +124,9 @@ class Scheduler:
                 i += 1  # nothing to do until its last token is known, or that token ends it
                 continue
             while (new_blocks := self.kv.allocate_slots(request, num_new)) is None:
-                victim = self.running.pop()  # newest first; never one already scheduled
+                # Least urgent, newest within its class; never one already scheduled (the
+                # running list is in priority order and is scheduled from the front).
+                victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -103,7 +135,7 @@ class Scheduler:
                 self._schedule(out, request, num_new, new_blocks)
                 budget -= num_new
                 i += 1
-        if not out.preempted:
+        if len(out.preempted) == num_preempted_for_waiting:  # no running request lacked room
             budget = self._admit_waiting(out, budget, now)
         # Taken last, so the rows of requests preempted just now are free for the new ones.
         out.freed_ids, self._freed = self._freed, []
@@ -126,7 +158,7 @@ class Scheduler:
             # is scheduled; a decode only once its token is kept (see update_from_output).
             request.num_prefill_tokens_run += num_new
             p, d = out.work.get(request.parent_id, (0, 0))
-            out.work[request.parent_id] = (p + num_new, d)
+            out.work[request.parent_id] = StepWork(p + num_new, d)
         request.num_computed_tokens += num_new
         if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
             out.sample_indices.append(len(out.scheduled) - 1)
@@ -143,7 +175,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_hit, budget)
             new_blocks = self.kv.allocate_slots(request, num_new, hit_blocks)
             if new_blocks is None:
-                break  # head-of-line waits for blocks; order stays first-come first-served
+                break  # head-of-line waits for blocks; order stays (priority, arrival)
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -151,10 +183,35 @@ class Scheduler:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self.running.insert(insertion_index(self.running, request.priority), request)
             self._schedule(out, request, num_new, new_blocks)
             budget -= num_new
         return budget
+
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        """Preempt running requests less urgent than the waiting head while it cannot be admitted.
+
+        "Cannot be admitted" is judged before this step's work: no free sequence slot, or fewer
+        free blocks than its first chunk needs without prefix hits (a conservative estimate: a
+        head with hits may preempt one request more than it needed to). Nothing is preempted
+        when even all the less urgent requests' blocks would not make room.
+        """
+        if not self.waiting or not self.running:
+            return
+        head = self.waiting[0]
+        if head.num_output_placeholders or self.running[-1].priority <= head.priority:
+            return  # the usual case, equal priorities: nothing to compare further
+        need = self.kv.blocks_needed(min(head.num_tokens, self.config.max_num_batched_tokens))
+        held = self.kv.req_blocks
+        if self.kv.num_free_blocks + sum(len(held.get(r.request_id, ())) for r in self.running
+                                         if r.priority > head.priority) < need:
+            return
+        while self.running and self.running[-1].priority > head.priority and (
+            len(self.running) >= self.config.max_num_seqs or self.kv.num_free_blocks < need
+        ):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
@@ -162,7 +219,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.add_front(request)
 
     def _release(self, request: Request) -> None:
         self.kv.free(request)
@@ -189,7 +246,7 @@ class Scheduler:
             if _is_decode(request, num_new, start):  # billed only when its token is kept
                 request.num_decode_tokens_run += 1
                 p, d = out.work.get(request.parent_id, (0, 0))
-                out.work[request.parent_id] = (p, d + 1)
+                out.work[request.parent_id] = StepWork(p, d + 1)
             if token is None:
                 continue
             request.append_token(token)

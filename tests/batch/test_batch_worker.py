@@ -73,7 +73,9 @@ async def test_interactive_request_preempts_running_batch_lines(tmp_path, model_
         # worker reacts within a poll interval, which faster steps fill with more of them (11 seen
         # on a loaded CI machine), so the bound keeps a wide margin on both sides.
         assert out.outputs[0].finish_reason == "length" and waited <= 40, waited
-        assert worker.num_preempted >= 3
+        # Batch lines run at BATCH_PRIORITY, so the engine's scheduler preempts one for the chat
+        # request at its next step, before the worker's poll could abort lines itself.
+        assert engine.stats()["num_preemptions"] >= 1
         await _wait(lambda: store.get_batch(batch["id"])["status"] == "completed")
     finally:
         await worker.stop()
