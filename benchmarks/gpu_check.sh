@@ -115,7 +115,7 @@ report = {
     "steps": [json.loads(line) for line in open(os.path.join(work, "steps.jsonl")) if line.strip()],
     "tests": read(os.path.join(work, "junit.xml"), junit),
 }
-for name in ("throughput", "gpu_busy", "single_stream", "kernels", "serving"):
+for name in ("throughput", "gpu_busy", "single_stream", "kernels", "kernels_moe", "serving"):
     report[name] = read(os.path.join(work, f"{name}.json"))
 versions = {}
 for module in ("torch", "triton", "transformers"):
@@ -195,6 +195,9 @@ run_step single_stream 90 \
 # 5. Kernel benchmarks (decode GB/s vs copy bandwidth, host overhead, prefill, tuning sweep).
 run_step kernels_bench 110 \
   "$PY" benchmarks/kernels.py --json "$WORK/kernels.json" --tune
+
+# 5b. Fused MoE against a per-expert loop at Qwen3-30B-A3B's and Mixtral's shapes.
+run_step kernels_moe 60 "$PY" benchmarks/kernels_moe.py --quick --json "$WORK/kernels_moe.json"
 
 # 6. Online serving against transformers serve; it paces itself to the step's time.
 left=$(remaining)

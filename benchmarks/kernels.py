@@ -7,8 +7,9 @@ context {512,4096,16384}, 32 query / 8 KV heads, head_dim 128, bf16, block size 
 the extend kernel against SDPA. `--tune` adds a small sweep of launch configurations.
 Host overhead: microseconds of host time per attention call (one-shot wrapper, a step's plan
 reused by a layer, the Triton backend per layer), against the kernel's own time.
+`--moe` adds the fused-MoE kernel against a per-expert torch loop (see kernels_moe.py).
 
-    PYTHONPATH=. python benchmarks/kernels.py --json out.json [--tune] [--quick]
+    PYTHONPATH=. python benchmarks/kernels.py --json out.json [--tune] [--quick] [--moe | --moe-only]
 """
 
 from __future__ import annotations
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here as JSON (rewritten after each case)")
     parser.add_argument("--tune", action="store_true", help="also sweep launch configurations")
     parser.add_argument("--quick", action="store_true", help="batch {1,64} x context {4096}")
+    parser.add_argument("--moe", action="store_true",
+                        help="also the fused-MoE kernel vs a per-expert loop (kernels_moe.py)")
+    parser.add_argument("--moe-only", action="store_true", help="only the fused-MoE benchmark")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA GPU here; the kernel benchmarks need one. Skipping.")
@@ -344,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=2)
 
+    if args.moe or args.moe_only:
+        from kernels_moe import print_moe_table, run_moe
+
+        report["moe"] = {}
+        run_moe(device, bench_ms, report["moe"], save, (1, 64, 512) if args.quick else None)
+        release()
+        if args.moe_only:
+            print_moe_table(report["moe"])
+            return 0
     report["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     release()
     save()
@@ -366,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         tune(device, report["tune"], save)
         release()
     print_tables(report)
+    if "moe" in report:
+        print_moe_table(report["moe"])
     return 0
 
 

@@ -13,6 +13,7 @@ compared between llmserve and each peer that returns them.
         --engines llmserve,vllm,hf_generate_batch,hf_generate --rounds 3 --json out.json
     python benchmarks/throughput.py --model-preset qwen3-0.6b --num-prompts 256 \\
         --input-len-range 100 1024 --output-len-range 100 1024 --dtype bfloat16 --json out.json
+    python benchmarks/throughput.py --model-preset qwen3-30b-a3b --engines llmserve,hf_generate_batch
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ PRESETS = {
         architecture="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
         max_position_embeddings=40960, tie_word_embeddings=True, initializer_range=0.02,
+    ),
+    # Qwen3-30B-A3B's expert shape (128 experts, top 8, renormalised, every layer sparse) with
+    # 2 layers instead of 48 and hidden 256 instead of 2048 (the expert width scaled with it,
+    # 768 -> 96): ~36M random parameters instead of 30B.
+    "qwen3-30b-a3b": dict(
+        architecture="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=96,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=32, vocab_size=32000, max_position_embeddings=4096,
     ),
 }
 

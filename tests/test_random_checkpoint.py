@@ -123,7 +123,7 @@ def test_bpe_tokenizer_builds_fast_deterministically_and_round_trips(checkpoints
     from tokenizers import Tokenizer
 
     start = time.perf_counter()
-    fresh = rc._bpe_json.__wrapped__()
+    fresh = rc.bpe_json.__wrapped__()
     assert time.perf_counter() - start < 1.0
     assert fresh == rc.tokenizer_json("bpe")
     tok = Tokenizer.from_str(fresh)

@@ -31,6 +31,7 @@ class StepPlan:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         signature: tuple,
+        window: int | None = None,
     ) -> None:
         try:
             from llmserve.kernels.kv_store import StorePlan
@@ -50,13 +51,13 @@ class StepPlan:
         if meta.max_query_len > 1:
             self.extend = ExtendPlan(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_query_len, skip_decode_rows=True,
+                meta.max_query_len, skip_decode_rows=True, window=window,
             )
         self.decode = None
         if meta.max_query_len == 1 or _may_have_decode_rows(meta, q.shape[0]):
             self.decode = DecodePlan(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                max_seq_len=meta.max_seq_len,
+                max_seq_len=meta.max_seq_len, window=window,
             )
 
 
@@ -68,12 +69,16 @@ def triton_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `torch_attention`: store k/v into the cache, return attention of q."""
     signature = _signature(q, k, v, k_cache, v_cache)
-    plan = meta.backend_cache.get(_KEY)
+    # Layers with another sliding window (or none) launch other kernels: one plan each.
+    cache_key = _KEY if window is None else (_KEY, window)
+    plan = meta.backend_cache.get(cache_key)
     if plan is None or plan.signature != signature:
-        plan = meta.backend_cache[_KEY] = StepPlan(q, k, v, k_cache, v_cache, meta, signature)
+        plan = meta.backend_cache[cache_key] = StepPlan(
+            q, k, v, k_cache, v_cache, meta, signature, window)
     key = plan.key
     plan.store.launch(key, k, v, k_cache, v_cache)
     # Same dtype and strides as q, freshly allocated (so aligned): the key covers it.

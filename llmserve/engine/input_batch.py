@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmserve.engine.kv_cache_manager import released_blocks
 from llmserve.engine.scheduler import SchedulerOutput
+
+RELEASED = -1  # block table entry of a block released behind a sliding window
 
 
 @dataclass
@@ -53,10 +56,15 @@ class StepArrays:
 class InputBatch:
     """Block tables of the running requests, one persistent row each."""
 
-    def __init__(self, max_rows: int, max_blocks_per_row: int, block_size: int) -> None:
+    def __init__(self, max_rows: int, max_blocks_per_row: int, block_size: int,
+                 release_window: int | None = None) -> None:
         self.block_size = block_size
         self.block_table = np.zeros((max_rows, max_blocks_per_row), np.int32)
         self.num_blocks = np.zeros(max_rows, np.int32)
+        # Sliding window of a model whose KV manager releases blocks behind it: the same
+        # entries are set to -1 here (RELEASED), so a stale id never points at a reused block.
+        self.release_window = release_window
+        self.num_released = np.zeros(max_rows, np.int32)
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_rows - 1, -1, -1))
 
@@ -72,12 +80,24 @@ class InputBatch:
                     self._grow()
                 row = row_of[request.request_id] = self._free_rows.pop()
                 self.num_blocks[row] = 0
+                self.num_released[row] = 0
             if new_blocks:
                 n = int(self.num_blocks[row])
                 self.block_table[row, n : n + len(new_blocks)] = new_blocks
                 self.num_blocks[row] = n + len(new_blocks)
+            if self.release_window is not None:
+                self._mark_released(row, sched.starts[i])
             rows[i] = row
         return rows
+
+    def _mark_released(self, row: int, num_computed: int) -> None:
+        """-1 for the entries the KV manager released (same rule, same `num_computed`)."""
+        end = min(released_blocks(num_computed, self.release_window, self.block_size),
+                  int(self.num_blocks[row]))
+        start = int(self.num_released[row])
+        if end > start:
+            self.block_table[row, start:end] = RELEASED
+            self.num_released[row] = end
 
     def release(self, request_ids: list[str]) -> None:
         """Give back the rows of requests whose blocks the scheduler freed."""
@@ -92,6 +112,7 @@ class InputBatch:
         old = len(self.num_blocks)
         self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
         self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+        self.num_released = np.concatenate([self.num_released, np.zeros_like(self.num_released)])
         self._free_rows.extend(range(2 * old - 1, old - 1, -1))
 
     def block_ids(self, request_id: str) -> list[int]:

@@ -46,8 +46,9 @@ _ERRORS = {
 }
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 # (out, q, q row/head strides, k, v, num_blocks, block_size, heads, kv heads, head_dim, scale)
-# per layer, then (table, its element size and width, seq_lens, rows, num_seqs) per step.
-_ARGTYPES = [_P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I, _I, _P, _P, _I]
+# per layer, then (table, its element size and width, seq_lens, rows, num_seqs, window) per
+# step (window 0 = full attention).
+_ARGTYPES = [_P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I, _I, _P, _P, _I, _I]
 
 
 class NativeUnavailable(RuntimeError):
@@ -166,10 +167,12 @@ class DecodeBatch:
     rows: torch.Tensor  # [n] int64: the row of q (and of the output) of each sequence
     fn: Any  # the loaded kernel
     step_args: tuple[int, ...]  # its per-step arguments (pointers into the tensors above)
+    window: int | None = None  # sliding window: each row reads only its last `window` positions
 
     @classmethod
     def build(
-        cls, block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor
+        cls, block_tables: torch.Tensor, seq_lens: torch.Tensor, rows: torch.Tensor,
+        window: int | None = None,
     ) -> DecodeBatch:
         """Needs `load()` to have succeeded."""
         if block_tables.dtype not in (torch.int32, torch.int64):
@@ -177,8 +180,8 @@ class DecodeBatch:
         tables = block_tables.contiguous()
         lens, rows = seq_lens.long().contiguous(), rows.long().contiguous()
         args = (tables.data_ptr(), tables.element_size(), tables.shape[1], lens.data_ptr(),
-                rows.data_ptr(), rows.numel())
-        return cls(tables, lens, rows, load(), args)
+                rows.data_ptr(), rows.numel(), window or 0)
+        return cls(tables, lens, rows, load(), args, window)
 
 
 def accepts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:

@@ -57,3 +57,18 @@ def store_kvcache(
         triton_store(k, v, k_cache, v_cache, slot_mapping)
         return
     ref.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Mixture-of-experts MLP over the routed experts: see `ref.fused_moe`."""
+    if triton_enabled(x):
+        from llmserve.kernels.fused_moe import fused_moe as triton_fused_moe
+
+        return triton_fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids)

@@ -4,7 +4,8 @@ One program serves every query head of one KV head (so each K/V tile is loaded o
 whole group) over one slice of the context. Long contexts with small batches are cut into
 `num_splits` slices that run in parallel (flash-decoding); a second kernel merges the slices
 with their log-sum-exp. Rows of the flat batch whose query length is not 1 are left untouched,
-so a mixed prefill/decode batch can be launched without a host sync.
+so a mixed prefill/decode batch can be launched without a host sync. With a sliding window the
+slices cover only the last `window` positions; block table entries before them are never read.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ MAX_SPLITS = 64
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, qsl_ptr, seq_lens_ptr, block_tables_ptr,
-    out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, num_splits,
+    out_ptr, mid_o_ptr, mid_lse_ptr, qk_scale, num_splits, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -46,8 +48,13 @@ def _decode_split_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     # Slices are whole multiples of BLOCK_N so that only the last tile of the sequence is ragged.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    if SLIDING:  # the query at seq_len - 1 sees keys >= seq_len - window
+        first = tl.maximum(seq_len - window, 0)
+        per_split = tl.cdiv(tl.cdiv(seq_len - first, num_splits), BLOCK_N) * BLOCK_N
+        lo = first + split * per_split
+    else:
+        per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -68,7 +75,7 @@ def _decode_split_kernel(
         acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, start, 0, hi, table, k_cache_ptr, v_cache_ptr, kv_head, qk_scale,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_mask,
-            PAGE, BLOCK_N, False, IEEE,
+            lo, window, PAGE, BLOCK_N, False, IEEE, False,  # [lo, hi) is inside the window
         )
 
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -168,6 +175,7 @@ class DecodePlan:
         block_n: int | None = None,
         num_warps: int = 4,
         num_stages: int = 2,
+        window: int | None = None,
     ) -> None:
         _check_shapes(q, k_cache)
         check_launchable(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
@@ -178,6 +186,8 @@ class DecodePlan:
         block_n = block_n or _block_n(page, head_dim, k_cache.element_size())
         if num_splits is None:
             length = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+            if window is not None:  # only the window is read
+                length = min(length, window)
             num_splits = choose_num_splits(batch, num_kv_heads, length, num_sms(q.device), block_n)
         if not 1 <= num_splits <= 1024:
             raise ValueError(f"num_splits must be in [1, 1024], got {num_splits}")
@@ -200,10 +210,11 @@ class DecodePlan:
             _decode_split_kernel, (batch, num_kv_heads, num_splits),
             dict(GROUP=group, HEAD_DIM=head_dim, PAGE=page, SINGLE=num_splits == 1,
                  BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-                 IEEE=k_cache.dtype == torch.float32),
+                 IEEE=k_cache.dtype == torch.float32, SLIDING=window is not None),
             num_warps=num_warps, num_stages=num_stages,
         )
         self.stride_bt = block_tables.stride(0)
+        self.window = window or 0
 
     def run(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -224,7 +235,7 @@ class DecodePlan:
         mid_lse = out if self.mid_lse is None else self.mid_lse
         self.split(
             key, q, k_cache, v_cache, self.qsl, self.seq_lens, self.block_tables,
-            out, mid_o, mid_lse, scale * LOG2E, self.num_splits,
+            out, mid_o, mid_lse, scale * LOG2E, self.num_splits, self.window,
             qs[0], qs[1], ost[0], ost[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], self.stride_bt,
         )
         if self.merge is not None:
@@ -245,17 +256,20 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention for the single-token (decode) rows of a flat batch; other rows are not written.
 
     Shapes as in `llmserve.kernels.ref`. `max_seq_len` (a host int, no sync) picks the number
     of splits; give `num_splits` to fix it (e.g. for CUDA-graph capture). `block_n`,
     `num_warps`, `num_stages` override the launch configuration (for tuning). A caller that
-    runs many layers over one step's metadata builds a `DecodePlan` once instead.
+    runs many layers over one step's metadata builds a `DecodePlan` once instead. `window`:
+    each row attends to its last `window` positions only (None: all of them).
     """
     plan = DecodePlan(
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, max_seq_len=max_seq_len,
         num_splits=num_splits, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        window=window,
     )
     out = torch.empty_like(q) if out is None else out
     plan.launch(None, q, k_cache, v_cache, out, scale)  # one launch: nothing to relaunch

@@ -43,6 +43,27 @@ def rope_parameters(hf_config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def layer_type_rope_parameters(
+    hf_config: dict, layer_type: str, default_theta: float, legacy_theta_key: str = "rope_theta"
+) -> tuple[float, dict | None]:
+    """(rope_theta, scaling or None) for one layer type of a model whose layer types have their
+    own rope (Gemma 3: "sliding_attention" / "full_attention").
+
+    transformers 5 nests them: ``rope_parameters = {layer_type: {rope_type, rope_theta, ...}}``.
+    Older configs are flat: the layer type's theta under `legacy_theta_key` (Gemma 3's local
+    layers: ``rope_local_base_freq``), and ``rope_scaling`` for full-attention layers only.
+    """
+    params = hf_config.get("rope_parameters")
+    nested = params.get(layer_type) if isinstance(params, dict) else None
+    if isinstance(nested, dict):
+        scaling = nested if nested.get("rope_type", "default") != "default" else None
+        return float(nested.get("rope_theta", default_theta)), scaling
+    theta = float(hf_config.get(legacy_theta_key) or default_theta)
+    if layer_type != "full_attention":
+        return theta, None
+    return theta, hf_config.get("rope_scaling") or None
+
+
 class RotaryEmbedding(nn.Module):
     """Applies neox-style rotary embedding to q and k at the given positions.
 

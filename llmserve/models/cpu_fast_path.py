@@ -132,6 +132,10 @@ def fast_path_blocker(model: nn.Module) -> str | None:
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not len(layers) or not hasattr(layers[0], "self_attn"):
         return f"{type(model).__name__} is not a Llama-family decoder"
+    if not all(hasattr(layer.mlp, "gate_up_proj") for layer in layers):
+        return "mixture-of-experts layers run the eager per-layer path"
+    if not hasattr(layers[0].self_attn, "qk_norm"):  # e.g. Gemma 3: other norms, MLP and scale
+        return f"{type(model).__name__} is not a Llama-family decoder"
     tensors = [t for t in model.parameters()] + [layers[0].self_attn.rotary_emb.cos_sin_cache]
     if any(t.device.type != "cpu" for t in tensors):
         return "the model is not on the CPU"

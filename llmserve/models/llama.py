@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from llmserve.attention.windows import layer_sliding_windows
 from llmserve.kernels.common import triton_enabled
 from llmserve.layers.activation import SiluAndMul
 from llmserve.layers.attention import Attention
@@ -29,7 +30,7 @@ from llmserve.layers.rotary import RotaryEmbedding, rope_parameters
 class LlamaAttention(nn.Module):
     qk_norm = False
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, sliding_window: int | None = None) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
         total_heads = cfg["num_attention_heads"]
@@ -49,7 +50,9 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, cfg.get("max_position_embeddings", 2048), theta, scaling
         )
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, sliding_window
+        )
         if self.qk_norm:
             eps = cfg.get("rms_norm_eps", 1e-6)
             self.q_norm = RMSNorm(self.head_dim, eps)
@@ -92,10 +95,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, sliding_window: int | None = None) -> None:
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = self.attention_cls(cfg)
+        self.self_attn = self.attention_cls(cfg, sliding_window)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
@@ -119,7 +122,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: dict) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(self.layer_cls(cfg) for _ in range(cfg["num_hidden_layers"]))
+        # Mistral's uniform window, Qwen2's max_window_layers or a per-layer list (see windows.py).
+        self.layers = nn.ModuleList(self.layer_cls(cfg, w) for w in layer_sliding_windows(cfg))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         # Set by `llmserve.models.cpu_fast_path.optimize_for_cpu`: the fused CPU forward.
         self.fused_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

@@ -56,18 +56,13 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     tensor-parallel shards); other parameters are copied whole.
     """
     params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules", {})
     loaded: set[str] = set()
     for name, tensor in iterate_weights(model_dir):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
             continue
-        target, shard = name, None
-        for fragment, (fused, shard_name) in packed.items():
-            if f".{fragment}." in name:
-                target, shard = name.replace(f".{fragment}.", f".{fused}."), shard_name
-                break
+        target, shard = _target(model, name)
         param = params.get(target)
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
@@ -83,13 +78,29 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
     _check_complete(model, params, loaded)
 
 
+def _target(model: nn.Module, name: str) -> tuple[str, str | None]:
+    """(parameter name, shard) for a checkpoint tensor: the model's own mapping first (MoE
+    experts stacked into one parameter), then the fused projections of `packed_modules`."""
+    mapper = getattr(model, "map_checkpoint_name", None)
+    mapped = mapper(name) if mapper is not None else None
+    if mapped is not None:
+        return mapped
+    for fragment, (fused, shard_name) in getattr(model, "packed_modules", {}).items():
+        if f".{fragment}." in name:
+            return name.replace(f".{fragment}.", f".{fused}."), shard_name
+    return name, None
+
+
 def _check_complete(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
     missing = []
     for name in params:
         module_name = name.rsplit(".", 1)[0]
         module = model.get_submodule(module_name)
         shards = getattr(module, "shard_offsets", None)
-        if shards:
+        if hasattr(module, "missing_shards"):  # stacked experts keep their own account
+            leaf = name.rsplit(".", 1)[-1]
+            missing += [f"{name}[{s}]" for s in module.missing_shards(leaf)]
+        elif shards:
             missing += [f"{name}[{s}]" for s in shards if f"{name}:{s}" not in loaded]
         elif name not in loaded:
             missing.append(name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmserve import LLM, SamplingParams
+from tests.engine.parity import assert_matches, hf_greedy, run_llmserve
 
 MAX_TOKENS = 10
 ARCH_OVERRIDES = {
@@ -37,18 +37,6 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-@torch.inference_mode()
-def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
-    ids = list(prompt)
-    logprobs = []
-    for _ in range(steps):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        token = int(logits.argmax())
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        ids.append(token)
-    return ids[len(prompt):], logprobs
-
-
 @pytest.fixture(scope="module", params=list(ARCH_OVERRIDES))
 def reference(request, checkpoint_factory):
     name = request.param
@@ -60,24 +48,9 @@ def reference(request, checkpoint_factory):
     return path, prompts, expected
 
 
-def run_llmserve(path, prompts, **engine_args):
-    llm = LLM(path, dtype="float32", **engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return llm, outputs
-
-
-def assert_matches(outputs, expected):
-    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
-        completion = out.outputs[0]
-        assert completion.token_ids == tokens, f"prompt {i}"
-        got = [completion.logprobs[j][t].logprob for j, t in enumerate(completion.token_ids)]
-        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt {i}"
-
-
 def test_greedy_batch_matches_transformers(reference):
     path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts)
+    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS)
     assert_matches(outputs, expected)
     stats = llm.stats()
     assert stats["prefix_cache_hits"] > 0  # the shared 40-token prefix was reused
@@ -86,7 +59,7 @@ def test_greedy_batch_matches_transformers(reference):
 
 def test_greedy_with_preemption_matches_transformers(reference):
     path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, num_kv_blocks=24, block_size=16)
+    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, num_kv_blocks=24, block_size=16)
     assert llm.stats()["num_preemptions"] > 0
     assert_matches(outputs, expected)
     assert llm.stats()["kv_blocks_free"] == 24
@@ -94,5 +67,5 @@ def test_greedy_with_preemption_matches_transformers(reference):
 
 def test_greedy_with_chunked_prefill_matches_transformers(reference):
     path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, max_num_batched_tokens=24, enable_prefix_caching=False)
+    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, max_num_batched_tokens=24, enable_prefix_caching=False)
     assert_matches(outputs, expected)

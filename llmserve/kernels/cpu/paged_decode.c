@@ -112,6 +112,7 @@ struct context {
     int64_t num_blocks, block_size, num_kv_heads, kv_head;
     const void *table;
     int64_t table_elem_size, len;
+    int64_t begin; /* first position attended: len - window under a sliding window, else 0 */
 };
 
 /* Softmax-weighted sum of the sequence's V rows for one KV head and its G query heads.
@@ -132,7 +133,7 @@ attend_kv_head(const struct context *c, const int64_t D, int64_t G, const float 
             acc[g * D + d] = 0.0f;
     }
     int64_t seg_base[TILE], seg_len[TILE]; /* the tile's runs of consecutive rows */
-    for (int64_t start = 0, n; start < c->len; start += n) {
+    for (int64_t start = c->begin, n; start < c->len; start += n) {
         int64_t nseg = 0;
         for (n = 0; n < TILE && start + n < c->len; n += seg_len[nseg++]) {
             const int64_t pos = start + n, offset = pos % c->block_size;
@@ -220,14 +221,15 @@ static int attend_any_d(const struct context *c, int64_t D, int64_t G, const flo
 }
 
 /* Returns 0, -1 (a seq_len below 1 or beyond its table row), -2 (a block id out of range) or
- * -3 (out of memory). */
+ * -3 (out of memory). window > 0 limits each row to its last `window` positions (a sliding
+ * window): table entries before them are never read, so they may be released (-1). */
 int llmserve_paged_decode_f32(float *out, const float *q, int64_t q_row_stride,
                               int64_t q_head_stride, const float *k_cache, const float *v_cache,
                               int64_t num_blocks, int64_t block_size, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, float scale,
                               const void *block_tables, int64_t table_elem_size,
                               int64_t table_width, const int64_t *seq_lens, const int64_t *rows,
-                              int64_t num_seqs)
+                              int64_t num_seqs, int64_t window)
 {
     const int64_t G = num_heads / num_kv_heads, D = head_dim;
     float *buf = malloc(sizeof(float) * (size_t)(G * (2 * D + TILE + VL + 2)));
@@ -238,7 +240,9 @@ int llmserve_paged_decode_f32(float *out, const float *q, int64_t q_row_stride,
     for (int64_t i = 0; i < num_seqs && status == 0; i++) {
         struct context c = {k_cache, v_cache, num_blocks, block_size, num_kv_heads, 0,
                             (const char *)block_tables + i * table_width * table_elem_size,
-                            table_elem_size, seq_lens[i]};
+                            table_elem_size, seq_lens[i], 0};
+        if (window > 0 && c.len > window)
+            c.begin = c.len - window;
         if (c.len < 1 || (c.len + block_size - 1) / block_size > table_width) {
             status = -1;
             break;
