@@ -20,6 +20,7 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+STRUCTURED_OUTPUTS_BACKENDS = ("llguidance", "xgrammar")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -71,12 +72,9 @@ class ModelConfig:
     @cached_property
     def derived_max_model_len(self) -> int:
         cfg = self.hf_config.get("text_config", self.hf_config)
+        # Sliding windows do not cap the context: windowed layers attend to their last
+        # `sliding_window` positions at any length (llmserve.attention.windows).
         limit = int(cfg.get("max_position_embeddings", 2048))
-        # Sliding-window attention is not implemented: stay within the window, where full
-        # attention is exact.
-        window = cfg.get("sliding_window")
-        if window and cfg.get("use_sliding_window", True):
-            limit = min(limit, int(window))
         if self.max_model_len is None:
             return limit
         if self.max_model_len > limit:
@@ -150,6 +148,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Schedule and launch step N+1 before reading step N's tokens (None: on for CUDA at TP=1).
     async_scheduling: bool | None = None
+    # Grammar backend for structured outputs: "llguidance" or "xgrammar" (an extra).
+    structured_outputs_backend: str = "llguidance"
 
     @cached_property
     def max_model_len(self) -> int:
@@ -183,6 +183,11 @@ class EngineConfig:
                 raise ValueError(
                     "attention_backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for testing)"
                 )
+        if self.structured_outputs_backend not in STRUCTURED_OUTPUTS_BACKENDS:
+            raise ValueError(
+                f"structured_outputs_backend must be one of {STRUCTURED_OUTPUTS_BACKENDS}, got "
+                f"{self.structured_outputs_backend!r}"
+            )
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError(
                 "async_scheduling needs tensor_parallel_size=1 (the other ranks need each step's "

@@ -20,6 +20,9 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob. It holds the chosen token plus the top-k.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token (SamplingParams.prompt_logprobs): the first is None (nothing
+# predicts it), each other is {the prompt's token: Logprob, then the top-k ids: Logprob}.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -77,3 +80,6 @@ class RequestOutput:
     num_computed_prefill_tokens: int = 0
     num_computed_decode_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    # Set once every prompt token is scored, on that output and every later one; None when the
+    # request did not ask (SamplingParams.prompt_logprobs) or while its prefill runs.
+    prompt_logprobs: PromptLogprobs | None = None

@@ -39,8 +39,20 @@ class StructuredOutputsParams:
         if self.choice is not None and (not self.choice or not all(
                 isinstance(c, str) for c in self.choice)):
             raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if self.json is not None and not isinstance(self.json, (dict, str, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema (an object or its "
+                             f"JSON text), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
         if self.after_token_ids is not None:
             self.after_token_ids = tuple(self.after_token_ids)
+            if not self.after_token_ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                    for t in self.after_token_ids):
+                raise ValueError("structured_outputs.after_token_ids must be a non-empty list of "
+                                 "token ids")
 
     @property
     def kind(self) -> str:

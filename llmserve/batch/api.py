@@ -180,6 +180,8 @@ def install_batch_api(app: FastAPI, engine: AsyncEngine, options: BatchOptions) 
     worker = BatchWorker(engine, store, options)
     ctx = getattr(app.state, "ctx", None)
     worker.is_draining = lambda: bool(getattr(ctx, "draining", False))
+    if ctx is not None:
+        worker.parsers = (ctx.tool_call_parser, ctx.reasoning_parser)
     app.state.batch_store, app.state.batch_worker = store, worker
     app.state.batch_options = options
     app.include_router(batch_router())

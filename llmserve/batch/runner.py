@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from llmserve.batch.bodies import (
     BATCH_PRIORITY,
     Failed,
+    ModelView,
     Prepared,
     prepare,
     response_body,
@@ -89,8 +90,9 @@ class BatchRunner:
 
     def prepare(self, lines: list[BatchLine]) -> list[Prepared | Failed]:
         """Validate and tokenize every line's body (before anything runs)."""
-        tok = self.engine.tokenizer
-        return [prepare(line, tok, self.served_names, self.engine.max_model_len) for line in lines]
+        view = ModelView.build(self.engine.tokenizer, self.served_names,
+                               self.engine.max_model_len)
+        return [prepare(line, view) for line in lines]
 
     def run(self, lines: list[BatchLine], log: ResultLog,
             on_invalid: Callable[[list[Failed]], None] | None = None) -> BatchSummary:
@@ -194,10 +196,7 @@ class BatchRunner:
 
 def _info(prep: Prepared, prompt_ids: list[int], arrival: float) -> dict:
     """What an observer learns about one engine request of a line (as the server passes it)."""
-    return {"prompt_token_ids": prompt_ids, "params": prep.params, "arrival_time": arrival,
-            "model": prep.model, "endpoint": prep.line.url, "route": "batch",
-            "user": prep.request.user, "metadata": prep.request.metadata,
-            "custom_id": prep.line.custom_id}
+    return prep.info(prompt_token_ids=prompt_ids, params=prep.params, arrival_time=arrival)
 
 
 def _usage(out: RequestOutput) -> dict:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from llmserve.batch.bodies import (
     BATCH_PRIORITY,
     Failed,
+    ModelView,
     Prepared,
     failure_line,
     prepare,
@@ -57,6 +58,8 @@ class BatchWorker:
         self.store = store
         self.options = options
         self.served_names = list(options.served_model_names or [engine.model_name])
+        # (tool-call parser, reasoning parser) names; the HTTP server sets its own.
+        self.parsers: tuple[str | None, str | None] = (None, None)
         seqs = _max_num_seqs(engine)
         self.max_concurrency = options.max_concurrency or seqs
         self.busy_concurrency = options.busy_concurrency or max(1, seqs // 8)
@@ -153,12 +156,13 @@ class BatchWorker:
                 self._save_counts(batch_id, log)
 
     async def _feed(self, batch: dict, queue: deque, log: ResultLog) -> None:
-        tok, limit = self.engine.tokenizer, self.engine.max_model_len
+        view = ModelView.build(self.engine.tokenizer, self.served_names,
+                               self.engine.max_model_len, *self.parsers)
         last_save = time.monotonic()
         while queue or self._running:
             self._check_stop(batch, queue, log)
             if queue and self._has_slot():
-                item = prepare(queue.popleft(), tok, self.served_names, limit)
+                item = prepare(queue.popleft(), view)
                 if isinstance(item, Failed):
                     log.write(result_line(item.line.custom_id, item.status, item.body()))
                 else:
@@ -231,9 +235,7 @@ class BatchWorker:
         log.write(result_line(prep.line.custom_id, 200, body, prep.request_id))
 
     async def _add(self, batch_id: str, prep: Prepared, k: int, prompt: dict):
-        info = {"model": prep.model, "endpoint": prep.line.url, "route": "batch",
-                "user": prep.request.user, "metadata": prep.request.metadata,
-                "batch_id": batch_id, "custom_id": prep.line.custom_id}
+        info = prep.info(batch_id=batch_id)
         rid = f"{batch_id}-{prep.line.line}-{k}-{os.urandom(4).hex()}"
         while True:
             # Counted before the engine answers: a line waiting for its add to be accepted is

@@ -20,6 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no fused CPU forward")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step N+1 before reading step N's tokens (default: on for CUDA)")
+    g.add_argument("--structured-outputs-backend", default="llguidance",
+                   choices=["llguidance", "xgrammar"],
+                   help="grammar backend for response_format / structured outputs (xgrammar: an extra)")
     g.add_argument("--device", default="auto")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -43,4 +46,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "tensor_parallel_size": args.tensor_parallel_size,
         "async_scheduling": args.async_scheduling,
+        "structured_outputs_backend": args.structured_outputs_backend,
     }

@@ -7,7 +7,7 @@ import logging
 import os
 
 from llmserve.commands.engine_args import add_engine_args, engine_kwargs
-from llmserve.observability.recorder import add_trace_args
+from llmserve.observability.trace_options import add_trace_args
 from llmserve.server.openai.context import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "LLMSERVE_API_KEY"
@@ -37,10 +37,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "model steps do not share one GIL; 'thread' keeps it in this process")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    _add_output_parser_args(p)
     add_engine_args(p)
     add_trace_args(p)  # trace ledger: --trace-db, --pricing, --log-prompts, --otlp-endpoint
     _add_batch_and_grpc_args(p)  # --batch-dir (Files + Batch API), --grpc-port
     p.set_defaults(func=run)
+
+
+def _add_output_parser_args(p: argparse.ArgumentParser) -> None:
+    from llmserve.server.openai.reasoning import REASONING_PARSERS
+    from llmserve.server.openai.tool_parsers import TOOL_PARSERS
+
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="format of the model's tool calls, for requests with `tools` (default: "
+                        "detected from the chat template; without one, such requests get 400)")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="split <think>...</think> reasoning into `reasoning_content`; tools and "
+                        "response_format then constrain only the answer after it")
 
 
 def _add_batch_and_grpc_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +81,8 @@ def engine_cpu_threads(requested: int | None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from llmserve.engine.async_engine import AsyncEngine
-    from llmserve.observability.recorder import install_trace_ledger, trace_options_from_args
+    from llmserve.observability.trace_app import install_trace_ledger
+    from llmserve.observability.trace_options import trace_options_from_args
     from llmserve.server.openai.app import create_app
     from llmserve.server.openai.server import build_server
 
@@ -96,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
         names = [DEFAULT_MODEL_NAME]
     app = create_app(engine, served_model_names=names, api_keys=keys,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser,
+                     reasoning_parser=args.reasoning_parser)
     install_trace_ledger(app, engine, trace)
     from llmserve.batch.api import install_batch_api_from_args
     from llmserve.server.grpc.server import attach_grpc_from_args

@@ -7,19 +7,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmserve.attention.windows import kv_release_window
 from llmserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from llmserve.engine.admission import PromptType, check_lengths, check_token_ids, tokenize_prompt
 from llmserve.engine.executor import create_runner
 from llmserve.engine.kv_cache_manager import KVCacheManager
 from llmserve.engine.model_runner import InFlightStep
 from llmserve.engine.output_processor import OutputProcessor
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.sampler import needs_output_history
-from llmserve.engine.scheduler import Scheduler
+from llmserve.engine.scheduler import Scheduler, StepWork
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured.manager import StructuredOutputManager
 from llmserve.tokenizer import Tokenizer
 
-PromptType = str | list[int] | dict
+__all__ = ["LLMEngine", "PromptType", "StepStats", "build_engine_config", "served_model_name"]
 
 
 @dataclass
@@ -29,7 +32,7 @@ class StepStats:
     start: float
     end: float
     # parent request id -> (prefill-style tokens, decode tokens) computed in this step
-    work: dict[str, tuple[int, int]] = field(default_factory=dict)
+    work: dict[str, StepWork] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -50,6 +53,7 @@ def build_engine_config(model: str | None = None, **kwargs) -> EngineConfig:
     parts = {cls: {k: kwargs.pop(k) for k in keys if k in kwargs} for cls, keys in groups.items()}
     allowed = {
         "attention_backend", "enforce_eager", "tokenizer", "tensor_parallel_size", "async_scheduling",
+        "structured_outputs_backend",
     }
     unknown = set(kwargs) - allowed
     if unknown:
@@ -86,9 +90,12 @@ class LLMEngine:
         self.runner = create_runner(config)
         self.max_model_len = config.max_model_len
         self.block_size = config.cache.block_size
-        self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, config.cache.enable_prefix_caching,
+                                 kv_release_window(config.model.hf_config))
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.runner.vocab_size, config.structured_outputs_backend)
         self._aborted_outputs: list[RequestOutput] = []
         self.last_step: StepStats | None = None
         self.async_scheduling = config.resolved_async_scheduling
@@ -110,8 +117,16 @@ class LLMEngine:
         """Validate and queue a request; return its prompt token ids. Raises ValueError."""
         if request_id in self.outputs.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, prompt_ids = self._tokenize(prompt)
-        max_tokens = self._check_lengths(len(prompt_ids), params)
+        vocab = self.runner.vocab_size
+        text, prompt_ids = tokenize_prompt(prompt, self.tokenizer, vocab)
+        max_tokens = check_lengths(len(prompt_ids), params, self.max_model_len, self.kv,
+                                   self.config.scheduler.max_num_batched_tokens)
+        check_token_ids(params, vocab)
+        if params.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+            # The LM head is sharded: every rank would have to score the prompt rows too.
+            raise ValueError("prompt_logprobs is not supported with tensor_parallel_size > 1")
+        # A constraint that cannot compile is refused here, before the request is accepted.
+        spec = self.structured.validate(params)
         eos = self.tokenizer.eos_token_ids
         arrival = arrival_time or time.time()
         children = [
@@ -125,57 +140,11 @@ class LLMEngine:
         for child in children[1:]:
             child.metrics = children[0].metrics  # one clock per user-visible request
         self.outputs.add(request_id, text, children)
-        for child in children:
+        # A constrained request waits outside the scheduler until its grammar is compiled.
+        ready = children if spec is None else self.structured.admit(spec, params, children)
+        for child in ready:
             self.scheduler.add_request(child)
         return prompt_ids
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        text = None
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                # With both keys the caller tokenized the text (a server does it off the engine's
-                # process); the text is kept for the output, the ids are checked as usual.
-                text = prompt.get("prompt")
-                if text is not None and (not isinstance(text, str) or not text):
-                    raise ValueError("prompt must not be empty")
-                prompt = prompt["prompt_token_ids"]
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
-        vocab = self.runner.vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
-        return text, list(prompt)
-
-    def _check_lengths(self, num_prompt: int, params: SamplingParams) -> int:
-        limit = self.max_model_len
-        if params.max_tokens is None and num_prompt >= limit:
-            raise ValueError(
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{num_prompt} tokens, which leaves no room for a completion. Please shorten the prompt."
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
-        if num_prompt + max_tokens > limit:
-            raise ValueError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
-                "the completion). Please reduce the length of the prompt or the completion."
-            )
-        needed = self.kv.blocks_needed(num_prompt + max_tokens)
-        if needed > self.kv.num_blocks:
-            raise ValueError(
-                f"request needs {needed} KV-cache blocks but the whole pool has {self.kv.num_blocks}; "
-                "reduce the prompt or max_tokens, or give the engine more KV-cache memory"
-            )
-        return max_tokens
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (idempotent); each appears once more, finished, in the next step()."""
@@ -186,12 +155,14 @@ class LLMEngine:
             if not children:
                 continue
             self.scheduler.abort(r.request_id for r in children)
+            for request in self.structured.drop({r.request_id for r in children}):
+                request.status = RequestStatus.FINISHED_ABORTED  # held no blocks yet
             self._aborted_outputs.append(self.outputs.output(parent_id))
 
     # -- stepping ------------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished() or bool(self._aborted_outputs)
-                or self._inflight is not None)
+                or self._inflight is not None or bool(self.structured.waiting))
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one step; return the outputs of the step that completed.
@@ -201,9 +172,10 @@ class LLMEngine:
         the host reads tokens, applies stops and builds outputs while the device computes. A
         stop is then seen one step late; the extra token is dropped before anyone sees it.
         """
+        self._admit_compiled()
         outputs, self._aborted_outputs = self._aborted_outputs, []
         start = time.time()
-        work: dict[str, tuple[int, int]] = {}
+        work: dict[str, StepWork] = {}
         if self._inflight is not None and self._needs_history():
             outputs += self._complete(self._take_inflight(), work)
         sched = self.scheduler.schedule()
@@ -230,20 +202,41 @@ class LLMEngine:
 
     def _needs_history(self) -> bool:
         """Whether a running request samples from its full output history (penalties,
-        min_tokens): then the step in flight is read before the next one is scheduled."""
-        return any(r.num_output_placeholders and needs_output_history(r)
+        min_tokens) or from a grammar (its next mask depends on the token in flight): then
+        the step in flight is read before the next one is scheduled. So with async scheduling
+        a constrained request's mask is always built from every token before it; steps
+        without a constrained request still overlap."""
+        needs_sync = self.structured.needs_sync
+        return any(r.num_output_placeholders and (needs_output_history(r) or needs_sync(r))
                    for r in self.scheduler.running)
 
-    def _complete(self, inflight: InFlightStep, work: dict[str, tuple[int, int]]
+    def _admit_compiled(self) -> None:
+        """Queue the requests whose grammar is now compiled; end those whose compilation
+        failed or timed out (finish reason "abort"; the error is logged)."""
+        if not self.structured.waiting:
+            return
+        idle = not self.scheduler.has_unfinished() and self._inflight is None
+        ready, failed = self.structured.poll(idle=idle)
+        for request in ready:
+            self.scheduler.add_request(request)
+        for request in failed:
+            request.status = RequestStatus.FINISHED_ABORTED
+        for parent_id in dict.fromkeys(r.parent_id for r in failed):
+            if all(c.is_finished for c in self.outputs.children(parent_id)):
+                self._aborted_outputs.append(self.outputs.output(parent_id))
+
+    def _complete(self, inflight: InFlightStep, work: dict[str, StepWork]
                   ) -> list[RequestOutput]:
         """Read a launched step's tokens; append them, apply stops, build outputs."""
         samples = inflight.result()
         sampling = inflight.sampling
         sampled = dict(zip((r.request_id for r in sampling), samples.token_ids)) if samples else {}
         changed = self.scheduler.update_from_output(inflight.sched, sampled)
+        for request in self.structured.advance(changed):
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         for parent, (p, d) in inflight.sched.work.items():
             wp, wd = work.get(parent, (0, 0))
-            work[parent] = (wp + p, wd + d)
+            work[parent] = StepWork(wp + p, wd + d)
         now = time.time()
         for request in changed:
             if request.metrics.first_token_time is None:
@@ -265,6 +258,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop tensor-parallel workers and leave the process group (no-op at TP=1)."""
         self.runner.shutdown()
+        self.structured.shutdown()
 
     def stats(self) -> dict:
         return {
@@ -275,5 +269,5 @@ class LLMEngine:
             "kv_blocks_free": self.kv.num_free_blocks,
             "kv_cache_usage": self.kv.usage(),
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": len(self.scheduler.waiting) + len(self.structured.waiting),
         }

@@ -24,6 +24,7 @@ import torch
 
 from llmserve.attention.backends import get_attention_backend
 from llmserve.attention.metadata import AttentionMetadata, forward_context
+from llmserve.attention.windows import kv_release_window
 from llmserve.config import EngineConfig
 from llmserve.distributed.communication import all_reduce_min
 from llmserve.distributed.parallel_state import get_tp_world_size, rank_device
@@ -31,10 +32,12 @@ from llmserve.engine.host_staging import HostStaging
 from llmserve.engine.input_batch import InputBatch, StepArrays
 from llmserve.engine.request import Request
 from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
+from llmserve.engine.sampling_logprobs import PendingPromptLogprobs, prompt_logprob_targets
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.layers.attention import Attention
 from llmserve.models.cpu_fast_path import optimize_for_cpu
 from llmserve.models.loader import load_model
+from llmserve.structured.masks import start_grammar_masks
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +51,15 @@ class InFlightStep:
     pending: PendingSample | None
     # request id -> row of `pending.token_ids`, for the next step's device-side inputs.
     sample_row_of: dict[str, int]
+    # Prompt logprobs this step scored, if any request asked (written into the requests).
+    prompt_logprobs: PendingPromptLogprobs | None = None
     _result: SamplerOutput | None = None
 
     def result(self) -> SamplerOutput | None:
-        """Wait for the device and read the sampled tokens (and logprobs); once."""
+        """Wait for the device and read the sampled tokens (and logprobs); once. Prompt
+        logprobs the step scored are stored into their requests first."""
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.write()
         if self._result is None and self.pending is not None:
             self._result = self.pending.to_host()
         return self._result
@@ -77,7 +85,8 @@ class ModelRunner:
         self._allocate_kv_cache(get_attention_backend(config.resolved_attention_backend))
         self.sampler = Sampler()
         max_blocks = -(-config.max_model_len // self.block_size)
-        self.batch = InputBatch(config.scheduler.max_num_seqs, max_blocks, self.block_size)
+        self.batch = InputBatch(config.scheduler.max_num_seqs, max_blocks, self.block_size,
+                                kv_release_window(hf_config))
         self.staging = HostStaging(self.device)
         self.graphs = None
         # Graph capture needs a backend that never syncs with the host in a decode batch.
@@ -159,21 +168,40 @@ class ModelRunner:
         """Run a prepared step. Tensor-parallel workers pass no `sched` and sample nothing:
         they run the same forward (and their share of the LM head) in lock-step with rank 0."""
         input_ids, positions, meta = self._tensors(step, prev)
+        # Grammar masks are filled on the host (a worker thread) while the model runs.
+        masks = None if sched is None else start_grammar_masks(
+            [sched.scheduled[i][0] for i in sched.sample_indices], self.device)
         if self.graphs is not None and self.graphs.can_run(meta, step.batch_size):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
             with forward_context(meta):
                 hidden = self.model(input_ids, positions)
+        prompt_lp = self._score_prompts(hidden, step, sched)
         if not len(step.sample_rows):
-            return InFlightStep(sched, [], None, {})
+            return InFlightStep(sched, [], None, {}, prompt_lp)
         if not step.all_rows_sample_last_token:
             hidden = hidden.index_select(0, self.staging.put("sample_index", step.sample_token_index))
         logits = self.model.compute_logits(hidden)  # every rank: the LM head is sharded
         if sched is None or logits is None:  # a tensor-parallel worker
             return InFlightStep(sched, [], None, {})
         sampling = [sched.scheduled[i][0] for i in sched.sample_indices]
-        pending = self.sampler.sample(logits, sampling)
-        return InFlightStep(sched, sampling, pending, {r.request_id: j for j, r in enumerate(sampling)})
+        pending = self.sampler.sample(logits, sampling, masks.result() if masks else None)
+        return InFlightStep(sched, sampling, pending,
+                            {r.request_id: j for j, r in enumerate(sampling)}, prompt_lp)
+
+    def _score_prompts(self, hidden: torch.Tensor, step: StepArrays,
+                       sched: SchedulerOutput | None) -> PendingPromptLogprobs | None:
+        """Logprobs of the prompt tokens in this step, for the requests that ask for them.
+        (The engine refuses prompt_logprobs under tensor parallelism: the sharded LM head
+        would need every rank to score the same rows.)"""
+        if sched is None or self.tp_size > 1:
+            return None
+        rows, targets, spans = prompt_logprob_targets(sched.scheduled, sched.starts,
+                                                      step.query_start_loc)
+        if not rows:
+            return None
+        return PendingPromptLogprobs(hidden, self.model.compute_logits, self.vocab_size, rows,
+                                     targets, spans)
 
     def _tensors(self, step: StepArrays, prev: InFlightStep | None
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:

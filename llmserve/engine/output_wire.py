@@ -51,6 +51,8 @@ class WireOutput(NamedTuple):
     num_computed_decode_tokens: int
     extra: dict
     completions: list[tuple]  # WireCompletion layouts
+    # RequestOutput.prompt_logprobs, in the first message that has them only (None otherwise).
+    prompt_logprobs: list | None = None
 
 
 def _metrics_tuple(m: RequestMetrics | None) -> tuple | None:
@@ -72,6 +74,7 @@ class OutputEncoder:
 
     def __init__(self) -> None:
         self._sent: dict[str, dict[int, _Sent]] = {}
+        self._sent_prompt_logprobs: set[str] = set()
 
     def encode(self, outputs: list[RequestOutput]) -> list[tuple]:
         """Plain tuples laid out as `WireOutput`, one per output."""
@@ -97,12 +100,17 @@ class OutputEncoder:
                 lp_keep, lp_tail, c.cumulative_logprob, c.finish_reason, c.stop_reason,
             ))
             s.text, s.num_tokens = c.text, len(c.token_ids)
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None and out.request_id not in self._sent_prompt_logprobs:
+            prompt_logprobs = out.prompt_logprobs
+            self._sent_prompt_logprobs.add(out.request_id)
         if out.finished:
             del self._sent[out.request_id]
+            self._sent_prompt_logprobs.discard(out.request_id)
         return (  # a WireOutput's fields
             out.request_id, (out.prompt, out.prompt_token_ids) if first else None, out.finished,
             out.num_cached_tokens, _metrics_tuple(out.metrics), out.num_computed_prefill_tokens,
-            out.num_computed_decode_tokens, out.extra, completions,
+            out.num_computed_decode_tokens, out.extra, completions, prompt_logprobs,
         )
 
 
@@ -122,6 +130,7 @@ class _Held:
     completions: dict[int, CompletionOutput] = field(default_factory=dict)
     text: _TextSpec | None = None
     detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    prompt_logprobs: list | None = None
 
 
 class OutputDecoder:
@@ -147,11 +156,14 @@ class OutputDecoder:
         return [self._decode(w) for w in wire]
 
     def _decode(self, w: tuple) -> RequestOutput:
-        (request_id, prompt, finished, cached, metrics, prefill, decode, extra, completions) = w
+        (request_id, prompt, finished, cached, metrics, prefill, decode, extra, completions,
+         prompt_logprobs) = w
         held = self._held.get(request_id)
         if held is None:
             held = self._held[request_id] = _Held(*prompt) if prompt else _Held(None, [])
             held.text = self._text_specs.pop(request_id, None)
+        if prompt_logprobs is not None:
+            held.prompt_logprobs = prompt_logprobs
         outputs = []
         for (index, text_keep, text_tail, tok_keep, tok_tail, lp_keep, lp_tail, cumulative,
              finish_reason, stop_reason) in completions:
@@ -178,6 +190,7 @@ class OutputDecoder:
             outputs=outputs, finished=finished, num_cached_tokens=cached,
             metrics=RequestMetrics(*metrics) if metrics is not None else None,
             num_computed_prefill_tokens=prefill, num_computed_decode_tokens=decode, extra=extra,
+            prompt_logprobs=held.prompt_logprobs,
         )
 
     @staticmethod

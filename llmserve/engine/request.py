@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmserve.outputs import Logprob, RequestMetrics
 from llmserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmserve.structured.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -72,10 +76,20 @@ class Request:
             [] if sampling_params.logprobs is not None else None
         )
         self.cumulative_logprob = 0.0
+        # Prompt logprobs (SamplingParams.prompt_logprobs), one entry per prompt token filled
+        # as the prefill chunks run; the first stays None. Only the first completion of an
+        # n > 1 request scores the prompt (they share it).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] * len(self.prompt_token_ids)
+            if sampling_params.prompt_logprobs is not None and index == 0 else None
+        )
+        self.num_prompt_logprobs = 0  # entries of prompt_logprobs filled so far
         self.metrics = RequestMetrics(arrival_time=arrival_time or time.time())
         # Work actually run for this request, for cost attribution (recompute counts again).
         self.num_prefill_tokens_run = 0
         self.num_decode_tokens_run = 0
+        # Constrained decoding state (structured outputs), set by the engine when it adds one.
+        self.grammar: RequestGrammar | None = None
         self.generator: torch.Generator | None = None
         if sampling_params.seed is not None:
             # Children of an n > 1 request get distinct but reproducible streams.
@@ -93,6 +107,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs are asked for and not all scored yet (no prefix-cache hits then)."""
+        return (self.prompt_logprobs is not None
+                and self.num_prompt_logprobs < len(self.prompt_token_ids) - 1)
 
     @property
     def is_finished(self) -> bool:

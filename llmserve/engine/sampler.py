@@ -1,6 +1,7 @@
 """Sampler: one token per logits row, vectorised over the batch.
 
-Order (as vLLM and OpenAI define it): min_tokens -> repetition penalty -> presence/frequency
+Order (as vLLM and OpenAI define it): logit_bias -> grammar bitmask (constrained rows only) ->
+min_tokens -> repetition penalty -> presence/frequency
 penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> sample. Logprobs come
 from the raw model logits (before any processing), vLLM's default. `Sampler.sample` does all the
 device work without a host sync and returns a `PendingSample`; its `to_host()` makes the one
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmserve.engine.host_staging import HostStaging
+from llmserve.engine.sampling_constraints import apply_constraints, has_constraints
 from llmserve.engine.sampling_logprobs import logprob_parts, unpack_logprobs
 from llmserve.engine.sampling_penalties import TokenHistory, apply_penalties
 from llmserve.engine.sampling_tensors import SamplingTensors, stop_ids_to_block, to_device
@@ -24,6 +26,7 @@ from llmserve.outputs import Logprob
 
 if TYPE_CHECKING:
     from llmserve.engine.request import Request
+    from llmserve.structured.masks import GrammarMasks
 
 __all__ = [
     "PendingSample",
@@ -112,7 +115,8 @@ def process_logits(
     Greedy rows get penalised logits (their argmax is the token); random rows also get
     temperature and truncation applied.
     """
-    logits = logits[:, :vocab_size].float()
+    logits = logits[:, :vocab_size].float().clone()
+    apply_constraints(logits, requests, None)
     st = SamplingTensors.from_requests(requests, logits.shape[1], logits.device)
     out = apply_penalties(logits, requests, st)
     if st.random_rows:
@@ -138,8 +142,11 @@ class Sampler:
         """Sample `logits[i]` ([batch, vocab] float) for `requests[i]`, as host values."""
         return self.sample(logits, requests).to_host()
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               masks: GrammarMasks | None = None) -> PendingSample:
         """Sample on the device without waiting for it; what it needs from `requests` is copied.
+
+        `masks` (from `llmserve.structured.grammar_masks`) restricts the constrained rows.
 
         On CPU this runs single-threaded (the thread count is restored after): sampling is a few
         dozen ops of a few hundred microseconds each, and on a loaded 2-core machine each op
@@ -152,19 +159,24 @@ class Sampler:
             self._staging.next_step()
         threads = torch.get_num_threads()
         if logits.device.type != "cpu" or threads == 1:
-            return self._sample_batch(logits, requests)
+            return self._sample_batch(logits, requests, masks)
         torch.set_num_threads(1)
         try:
-            return self._sample_batch(logits, requests)
+            return self._sample_batch(logits, requests, masks)
         finally:
             torch.set_num_threads(threads)
 
-    def _sample_batch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+    def _sample_batch(self, logits: torch.Tensor, requests: list[Request],
+                      masks: GrammarMasks | None = None) -> PendingSample:
         if not requests:
             empty = torch.empty(0, dtype=torch.long, device=logits.device)
             return PendingSample(empty, empty, [], [], self._staging)
         raw = logits.float()
         visible = raw[:, : self.vocab_size]
+        if has_constraints(requests, masks):
+            # On a copy: logprobs come from the raw logits, and the caller's stay untouched.
+            visible = visible.clone()
+            apply_constraints(visible, requests, masks)
         if all(_plain_greedy(r) for r in requests):
             tokens = argmax(visible)
             return PendingSample(tokens, tokens, [], [], self._staging)

@@ -106,12 +106,17 @@ def stop_ids_to_block(request: Request) -> set[int]:
 
 
 def min_tokens_blocked(requests: list[Request], vocab: int) -> tuple[list[int], list[int]]:
-    """(rows, ids) of the stop tokens that may not be sampled yet because of min_tokens."""
+    """(rows, ids) of the stop tokens that may not be sampled yet because of min_tokens.
+
+    Constrained rows are left out: blocking the EOS a finished grammar allows alone would leave
+    nothing to sample."""
     rows: list[int] = []
     ids: list[int] = []
     for i, r in enumerate(requests):
         if len(r.output_token_ids) >= r.sampling_params.min_tokens:
             continue
+        if r.grammar is not None and r.grammar.active:
+            continue  # the grammar decides where the text ends: it may need EOS now
         kept = [t for t in sorted(stop_ids_to_block(r)) if 0 <= t < vocab]
         rows += [i] * len(kept)
         ids += kept

@@ -22,7 +22,8 @@ def main(model_dir: str, root: str, port: int, trace_db: str | None = None) -> N
                                    max_num_seqs=4)
     app = create_app(engine, api_keys=["test-key"], metrics=False)
     if trace_db:
-        from llmserve.observability.recorder import TraceOptions, install_trace_ledger
+        from llmserve.observability.trace_app import install_trace_ledger
+        from llmserve.observability.trace_options import TraceOptions
 
         install_trace_ledger(app, engine, TraceOptions(trace_db))
     install_batch_api(app, engine, BatchOptions(root=root))

@@ -38,7 +38,15 @@ def _error(response: httpx.Response, status: int) -> dict:
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, None),
     ({"top_logprobs": 2}, None),
-    ({"logit_bias": {"5": 1.0}}, None),
+    ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"logit_bias": {"99999": 1.0}}, None),
+    ({"logit_bias": {"x": 1.0}}, None),
+    ({"functions": [{"name": "f"}]}, None),
+    ({"audio": {"voice": "alloy", "format": "mp3"}}, None),
+    ({"store": True}, None),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.json_schema"),
+    ({"response_format": {"type": "yaml"}}, None),
+    ({"tool_choice": "required"}, None),
 ])
 def test_invalid_chat_parameters_are_400_with_the_param_named(client, extra, param):
     with pytest.raises(openai.BadRequestError) as info:

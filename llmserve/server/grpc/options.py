@@ -20,7 +20,11 @@ class GrpcOptions:
         grace_s: seconds running calls may finish when the server stops.
         reflection: serve gRPC server reflection.
         context: the HTTP server's ServerContext, if any: gRPC calls then count as in flight
-            for its drain and are refused (UNAVAILABLE) while it drains.
+            for its drain and are refused (UNAVAILABLE) while it drains, and its tool-call and
+            reasoning parsers are used.
+        tool_call_parser: parser of `tools` calls without a context (default: detected from
+            the chat template).
+        reasoning_parser: reasoning parser without a context (default: none).
     """
 
     host: str = "127.0.0.1"
@@ -30,6 +34,8 @@ class GrpcOptions:
     grace_s: float = 5.0
     reflection: bool = True
     context: Any = None
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 def add_grpc_args(parser: argparse.ArgumentParser) -> None:

@@ -13,24 +13,33 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from llmserve.batch.bodies import CHAT_URL, BodyError, parse_body
 from llmserve.engine.async_engine import EngineDeadError, QueueFullError
 from llmserve.server.grpc import convert
 from llmserve.server.grpc import llmserve_pb2 as pb
 from llmserve.server.grpc.options import GrpcOptions
+from llmserve.server.openai.layer import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    APIError,
+    DeltaTracker,
+    ModelView,
+    RequestAborted,
+    parse_body,
+)
 
 if TYPE_CHECKING:
     from llmserve.engine.async_engine import AsyncEngine, RequestStream
+    from llmserve.server.openai.replies import Reply
+    from llmserve.server.openai.shapes import TextShape
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "llmserve.v1.Generation"
-COMPLETIONS_URL = "/v1/completions"
 
 
 class _Failure(Exception):
@@ -48,6 +57,7 @@ class _Call:
     stream: RequestStream
     model: str
     top: int | None  # logprob alternatives requested; None = no logprobs
+    reply: Reply
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -62,27 +72,31 @@ class GenerationServicer:
         self.stopping = False
         self._keys = [k.encode() for k in options.api_keys if k]
         self._active: set[str] = set()
+        source = options.context if hasattr(options.context, "tool_call_parser") else options
+        self._parsers = (source.tool_call_parser, source.reasoning_parser)
+        self._view: ModelView | None = None
 
     # -- RPCs ----------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         return await self._unary(context, "Generate", COMPLETIONS_URL,
-                                 convert.completion_body(request), request.request_id)
+                                 lambda: convert.completion_body(request), request.request_id)
 
     async def Chat(self, request: pb.ChatRequest, context) -> pb.GenerateResponse:
-        return await self._unary(context, "Chat", CHAT_URL, convert.chat_body(request),
+        return await self._unary(context, "Chat", CHAT_URL, lambda: convert.chat_body(request),
                                  request.request_id)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context
                              ) -> AsyncIterator[pb.GenerateStreamChunk]:
         async for chunk in self._streaming(context, "GenerateStream", COMPLETIONS_URL,
-                                           convert.completion_body(request),
+                                           lambda: convert.completion_body(request),
                                            request.request_id):
             yield chunk
 
     async def ChatStream(self, request: pb.ChatRequest, context
                          ) -> AsyncIterator[pb.GenerateStreamChunk]:
         async for chunk in self._streaming(context, "ChatStream", CHAT_URL,
-                                           convert.chat_body(request), request.request_id):
+                                           lambda: convert.chat_body(request),
+                                           request.request_id):
             yield chunk
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -100,7 +114,9 @@ class GenerationServicer:
         return pb.ListModelsResponse(models=cards)
 
     # -- shared paths --------------------------------------------------------------------------
-    async def _unary(self, context, method: str, url: str, body: dict,
+    # `body` builds the HTTP body of the request inside the error handling (bad JSON text in a
+    # field is INVALID_ARGUMENT, like any other bad input).
+    async def _unary(self, context, method: str, url: str, body: Callable[[], dict],
                      request_id: str) -> pb.GenerateResponse:
         await self._guard(context)
         try:
@@ -114,12 +130,12 @@ class GenerationServicer:
                     self._active.discard(call.request_id)
                 _check_finished(last)
                 return convert.response(call.request_id, call.model, call.created, last,
-                                        call.top, self.engine.tokenizer)
+                                        call.top, self.engine.tokenizer, call.reply)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             failure = self._failure(exc)
         await context.abort(failure.code, failure.message)
 
-    async def _streaming(self, context, method: str, url: str, body: dict,
+    async def _streaming(self, context, method: str, url: str, body: Callable[[], dict],
                          request_id: str) -> AsyncIterator[pb.GenerateStreamChunk]:
         await self._guard(context)
         try:
@@ -136,42 +152,51 @@ class GenerationServicer:
         await context.abort(failure.code, failure.message)
 
     async def _chunks(self, call: _Call) -> AsyncIterator[pb.GenerateStreamChunk]:
-        sent_tokens: dict[int, int] = {}
-        sent_chars: dict[int, int] = {}
-        done: set[int] = set()
+        tracker = DeltaTracker()
+        shapes: dict[int, TextShape] = {}
+        called: set[int] = set()
         last = None
         async for out in call.stream:
             last = out
             usage = convert.usage(out)
             for c in out.outputs:
-                if c.finish_reason == "abort":
-                    raise _Failure(grpc.StatusCode.ABORTED, "the request was aborted")
-                t0, n0 = sent_tokens.get(c.index, 0), sent_chars.get(c.index, 0)
-                if c.index in done or (t0 == len(c.token_ids) and n0 >= len(c.text)
-                                       and c.finish_reason is None):
+                delta = tracker.delta(c.index, c)
+                if delta is None or delta.empty:
                     continue
-                yield pb.GenerateStreamChunk(
-                    request_id=call.request_id, index=c.index, token_ids=c.token_ids[t0:],
-                    text=c.text[n0:], usage=usage, finish_reason=c.finish_reason or "",
-                    logprobs=convert.token_logprobs(c, t0, len(c.token_ids), call.top,
-                                                    self.engine.tokenizer))
-                sent_tokens[c.index], sent_chars[c.index] = len(c.token_ids), len(c.text)
-                if c.finish_reason is not None:
-                    done.add(c.index)
+                chunk = pb.GenerateStreamChunk(
+                    request_id=call.request_id, index=c.index, token_ids=delta.token_ids,
+                    text=delta.text, usage=usage, finish_reason=delta.finish_reason or "",
+                    logprobs=convert.token_logprobs(c, delta.first_token, len(c.token_ids),
+                                                    call.top, self.engine.tokenizer))
+                if call.reply.spec.chat:
+                    shape = shapes.setdefault(c.index, call.reply.spec.shape())
+                    parts = shape.feed(delta.text) if delta.text else []
+                    parts += shape.finish() if delta.finish_reason is not None else []
+                    if convert.message_parts(chunk, parts):
+                        called.add(c.index)
+                    if c.index in called and delta.finish_reason == "stop":
+                        chunk.finish_reason = "tool_calls"
+                yield chunk
         _check_finished(last)
 
-    async def _submit(self, method: str, url: str, body: dict, request_id: str) -> _Call:
-        parsed = parse_body(url, body, self.engine.tokenizer, self.served_names,
-                            self.engine.max_model_len)
+    async def _submit(self, method: str, url: str, body: Callable[[], dict],
+                      request_id: str) -> _Call:
+        parsed = parse_body(url, body(), self.view)
         rid = request_id or f"grpc-{uuid.uuid4().hex}"
-        req = parsed.request
-        info = {"model": parsed.model, "endpoint": "grpc", "grpc_method": method,
-                "user": req.user, "metadata": req.metadata}
+        info = parsed.info("grpc", grpc_method=method)
         stream = await self.engine.add_request(rid, parsed.prompts[0], parsed.params,
-                                               priority=req.priority, info=info)
+                                               priority=parsed.request.priority, info=info)
         self._active.add(rid)
         top = parsed.params.logprobs
-        return _Call(rid, stream, parsed.model, top)
+        return _Call(rid, stream, parsed.model, top, parsed.reply(rid, int(time.time())))
+
+    @property
+    def view(self) -> ModelView:
+        """The served model as the request layer sees it (built on first use)."""
+        if self._view is None:
+            self._view = ModelView.build(self.engine.tokenizer, self.served_names,
+                                         self.engine.max_model_len, *self._parsers)
+        return self._view
 
     # -- gatekeeping and errors ----------------------------------------------------------------
     async def _guard(self, context, admit: bool = True) -> None:
@@ -199,10 +224,12 @@ class GenerationServicer:
     def _failure(self, exc: BaseException) -> _Failure:
         if isinstance(exc, _Failure):
             return exc
-        if isinstance(exc, BodyError):
+        if isinstance(exc, APIError):
             code = grpc.StatusCode.NOT_FOUND if exc.status == 404 else (
                 grpc.StatusCode.INVALID_ARGUMENT)
             return _Failure(code, exc.message)
+        if isinstance(exc, RequestAborted):
+            return _Failure(grpc.StatusCode.ABORTED, "the request was aborted")
         if isinstance(exc, QueueFullError):
             return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         if isinstance(exc, EngineDeadError):

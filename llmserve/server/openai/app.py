@@ -15,6 +15,11 @@ from llmserve.server.openai.chat import create_chat_completion
 from llmserve.server.openai.completions import create_completion
 from llmserve.server.openai.context import DEFAULT_MAX_BODY_BYTES, ServerContext, get_context
 from llmserve.server.openai.errors import install_error_handlers
+from llmserve.server.openai.layer import (
+    render_chat,
+    resolve_reasoning_parser,
+    resolve_tool_call_parser,
+)
 from llmserve.server.openai.middleware import GatewayMiddleware
 from llmserve.server.openai.protocol import DetokenizeRequest, TokenizeRequest
 
@@ -30,7 +35,8 @@ _ERRORS = {
 
 def create_app(engine: AsyncEngine, *, served_model_names: Sequence[str] | None = None,
                api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               metrics: bool = True) -> FastAPI:
+               metrics: bool = True, tool_call_parser: str | None = None,
+               reasoning_parser: str | None = None) -> FastAPI:
     """Build the app around a (not yet started) AsyncEngine.
 
     Args:
@@ -39,11 +45,16 @@ def create_app(engine: AsyncEngine, *, served_model_names: Sequence[str] | None 
         api_keys: bearer tokens accepted on every route but /health and /metrics.
         max_body_bytes: request bodies above this get 413.
         metrics: attach Prometheus metrics (served at /metrics).
+        tool_call_parser: parser of `tools` calls (default: detected from the chat template).
+        reasoning_parser: splits `<think>` reasoning into `reasoning_content` (default: none).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     names = list(served_model_names or [engine.model_name])
-    ctx = ServerContext(engine, names, tuple(k for k in api_keys if k), max_body_bytes)
+    ctx = ServerContext(engine, names, tuple(k for k in api_keys if k), max_body_bytes,
+                        tool_call_parser=resolve_tool_call_parser(tool_call_parser,
+                                                                  engine.tokenizer),
+                        reasoning_parser=resolve_reasoning_parser(reasoning_parser))
     if metrics:
         from llmserve.observability.metrics import EngineMetrics
 
@@ -52,8 +63,12 @@ def create_app(engine: AsyncEngine, *, served_model_names: Sequence[str] | None 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        yield
-        await asyncio.to_thread(engine.shutdown)
+        try:
+            yield
+            await asyncio.to_thread(engine.shutdown)
+        finally:
+            for hook in app.state.shutdown_hooks:  # e.g. the trace ledger's close
+                hook()
 
     options = {}
     if "strict_content_type" in inspect.signature(FastAPI).parameters:
@@ -61,6 +76,7 @@ def create_app(engine: AsyncEngine, *, served_model_names: Sequence[str] | None 
     app = FastAPI(title="llmserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of the llmserve engine.", **options)
     app.state.ctx = ctx
+    app.state.shutdown_hooks = []  # callables run at shutdown, after the engine stopped
     install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, ctx=ctx)
     _add_routes(app)
@@ -123,10 +139,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     ctx.check_model(body.model)
     tokenizer = ctx.engine.tokenizer
     if body.messages is not None:
-        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = tokenizer.apply_chat_template(conversation,
-                                             add_generation_prompt=body.add_generation_prompt)
-        tokens = tokenizer.encode(text, add_special_tokens=False)
+        tokens = render_chat(tokenizer, body.messages, body.add_generation_prompt)
     else:
         tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": ctx.engine.max_model_len}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from llmserve.server.openai.errors import model_not_found
+from llmserve.server.openai.layer import ModelView, check_model
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -29,6 +29,8 @@ class ServerContext:
         max_body_bytes: larger request bodies get 413.
         registry: the Prometheus registry behind /metrics (None: /metrics is empty).
         draining: set on SIGTERM; new requests get 503 while in-flight ones finish.
+        tool_call_parser: name of the parser of `tools` calls (None: tools get 400).
+        reasoning_parser: name of the parser of `<think>` reasoning (None: not split out).
     """
 
     engine: AsyncEngine
@@ -39,18 +41,23 @@ class ServerContext:
     draining: bool = False
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
+    @property
+    def view(self) -> ModelView:
+        """The served model as the request layer sees it."""
+        engine = self.engine
+        return ModelView(engine.tokenizer, self.served_model_names, engine.max_model_len,
+                         self.tool_call_parser, self.reasoning_parser)
+
     def check_model(self, name: str | None) -> str:
         """The name to report for a request's `model`; 404 for a model this server lacks."""
-        if name is None:
-            return self.model_name
-        if name in self.served_model_names:
-            return name
-        raise model_not_found(name)
+        return check_model(name, self.served_model_names)
 
 
 def get_context(request: Request) -> ServerContext:

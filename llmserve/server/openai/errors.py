@@ -13,6 +13,7 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmserve.engine.async_engine import EngineDeadError, QueueFullError
@@ -65,7 +66,8 @@ def model_not_found(name: str) -> APIError:
                     code="model_not_found")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
+    """(message, param) of a body that failed validation: the first error, naming its field."""
     errors = exc.errors()
     if not errors:
         return "invalid request body", None
@@ -86,7 +88,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = _validation_message(exc)
+    message, param = validation_message(exc)
     return error_response(400, message, param=param)
 
 

@@ -64,3 +64,14 @@ def completion_logprobs(token_ids: list[int], logprobs: SampleLogprobs, top_k: i
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def prompt_logprobs(entries: list | None, tokenizer) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or
+    `{token_id: {"logprob", "rank", "decoded_token"}}`, token ids as JSON keys."""
+    if entries is None:
+        return None
+    return [None if entry is None else {
+        str(tid): {"logprob": _value(lp), "rank": lp.rank,
+                   "decoded_token": _text(tid, lp, tokenizer)} for tid, lp in entry.items()}
+        for entry in entries]

@@ -2,7 +2,8 @@
 
 Models are strict (no "1" for 1) and reject out-of-range values, so FastAPI turns bad input
 into a validation error that the error layer maps to OpenAI's 400 envelope. Unknown fields are
-ignored, as vLLM does, so newer clients keep working.
+ignored, as vLLM does, so newer clients keep working; OpenAI fields this server does not
+implement are refused by name (`protocol_constraints.UNSUPPORTED_CHAT_FIELDS`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from llmserve.sampling_params import MAX_LOGPROBS, MAX_N
+from llmserve.sampling_params import LOGIT_BIAS_LIMIT, MAX_LOGPROBS, MAX_N
+from llmserve.server.openai.protocol_constraints import (
+    MessageToolCall,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolChoice,
+    check_unsupported,
+)
 
 MAX_STOP = 16
 MAX_PROMPTS = 64
 MAX_SEED = 2**64 - 1
 MIN_SEED = -(2**63)
-
 
 
 def _integral(value: object) -> object:
@@ -30,6 +38,7 @@ def _integral(value: object) -> object:
 Int = Annotated[int, BeforeValidator(_integral)]
 NonNegInt = Annotated[Int, Field(ge=0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]
 
 
 class _Strict(BaseModel):
@@ -49,6 +58,8 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
     def text(self) -> str:
         if self.content is None:
@@ -56,6 +67,17 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_template_message(self) -> dict:
+        """The message as chat templates read it."""
+        message: dict = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_call() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class SamplingFields(_Strict):
@@ -72,7 +94,8 @@ class SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
+    response_format: ResponseFormat | None = None
     # vLLM extras
     top_k: Int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -83,37 +106,41 @@ class SamplingFields(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: Int = 0
+    prompt_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingFields:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
 
 class ChatCompletionRequest(SamplingFields):
+    # Extra keys are kept (not dropped) so that OpenAI fields this server does not implement
+    # can be refused by name.
+    model_config = ConfigDict(strict=True, extra="allow")
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Int | None = Field(None, ge=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     metadata: dict[str, str] | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        fmt = (self.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise ValueError(f"response_format type {fmt!r} is not supported; use 'text'")
+        check_unsupported(self.model_extra)
         return self
 
     @property
@@ -146,8 +173,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of must equal n (ranking extra samples is not supported)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported")
         return self
 
     def prompts(self) -> list[str | list[int]]:

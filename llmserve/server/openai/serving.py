@@ -1,24 +1,26 @@
-"""What the chat and completion handlers share: sampling params, submission, collection, SSE."""
+"""What the HTTP chat and completion routes share: submission, collection, SSE."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from llmserve.engine.async_engine import EngineDeadError, RequestStream
-from llmserve.sampling_params import SamplingParams
+from llmserve.server.openai.deltas import RequestAborted
 from llmserve.server.openai.errors import APIError, error_body
 
 if TYPE_CHECKING:
     from llmserve.outputs import RequestOutput
     from llmserve.server.openai.context import ServerContext
-    from llmserve.server.openai.protocol import SamplingFields
+    from llmserve.server.openai.layer import EngineRequest
+    from llmserve.server.openai.replies import ChunkWriter, Reply
 
 # Seconds between SSE keep-alive comments on a silent stream.
 SSE_PING_SECONDS = 15
@@ -26,10 +28,6 @@ SSE_PING_SECONDS = 15
 
 class ClientGone(Exception):
     """The client disconnected before the response was ready."""
-
-
-class RequestAborted(Exception):
-    """The engine aborted the request (server drain timeout); not the client's doing."""
 
 
 def new_id(prefix: str) -> str:
@@ -40,58 +38,52 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None
-                    ) -> SamplingParams:
-    """SamplingParams from the request's fields; ValueError (400) for bad combinations."""
-    return SamplingParams(
-        n=req.n,
-        max_tokens=max_tokens,
-        min_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        seed=req.seed,
-        stop=req.stop,
-        stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        skip_special_tokens=req.skip_special_tokens,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-    )
+async def submit_all(ctx: ServerContext, request: Request, base_id: str, prepared: EngineRequest,
+                     endpoint: str) -> list[RequestStream]:
+    """Submit every prompt of a request; if one is refused, abort the ones already accepted.
 
-
-async def submit(ctx: ServerContext, request: Request, request_id: str, prompt: Any,
-                 params: SamplingParams, req: SamplingFields, endpoint: str) -> RequestStream:
-    """Hand one prompt to the engine; the info dict reaches the engine's observers."""
-    info = {
-        "model": ctx.model_name,
-        "endpoint": endpoint,
-        "user": req.user,
-        "metadata": getattr(req, "metadata", None),
-        "http_request_id": request.scope.get("state", {}).get("request_id"),
-    }
-    return await ctx.engine.add_request(request_id, prompt, params, priority=req.priority,
-                                        info=info)
-
-
-async def submit_all(ctx: ServerContext, request: Request, base_id: str, prompts: Sequence,
-                     params: SamplingParams, req: SamplingFields, endpoint: str
-                     ) -> list[RequestStream]:
-    """Submit several prompts; if one is refused, abort the ones already accepted."""
+    Each prompt's info dict reaches the engine's observers (metrics, the trace ledger).
+    """
+    info = prepared.info(endpoint,
+                         http_request_id=request.scope.get("state", {}).get("request_id"))
+    prompts = prepared.prompts
     streams: list[RequestStream] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            streams.append(await submit(ctx, request, rid, prompt, params, req, endpoint))
+            streams.append(await ctx.engine.add_request(
+                rid, prompt, prepared.params, priority=prepared.request.priority, info=info))
     except BaseException:
         for s in streams:
             s.abort()
         raise
     return streams
+
+
+async def respond(request: Request, reply: Reply, streams: list[RequestStream],
+                  stream: bool) -> Response:
+    """The SSE stream or the whole JSON response of a submitted request."""
+    if stream:
+        return sse_response(events(reply.writer(), streams), streams)
+    try:
+        outputs = await collect(request, streams)
+    except ClientGone:
+        return Response(status_code=499)
+    except RequestAborted:
+        raise aborted_response() from None
+    return JSONResponse(reply.response(outputs))
+
+
+async def events(writer: ChunkWriter, streams: list[RequestStream]
+                 ) -> AsyncGenerator[str, None]:
+    """The SSE data of every chunk of a streamed request."""
+    for chunk in writer.start(len(streams)):
+        yield dumps(chunk)
+    async for p, out in merge(streams):
+        for chunk in writer.feed(p, out):
+            yield dumps(chunk)
+    for chunk in writer.finish():
+        yield dumps(chunk)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -154,15 +146,6 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reques
             task.cancel()
         for s in streams:
             s.abort()
-
-
-def usage(outputs: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    cached = sum(o.num_cached_tokens for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def stream_error(exc: BaseException) -> dict:
