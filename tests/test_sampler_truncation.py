@@ -196,3 +196,18 @@ def test_top_p_cut_inside_a_run_of_equal_top_k_values():
     got = apply_truncation(x, sampling_tensors(t, k, p, m))
     assert torch.equal(got, ref_truncation(x, t, k, p, m))
     assert (got[0] > NEG_INF).nonzero().flatten().tolist() == [1, 2]
+
+
+def test_masked_rows_exponentiate_to_exact_zeros_and_unchanged_weights():
+    from llmserve.engine.sampling_truncation import _exp_below_max
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1000) * 30  # a wide range: some weights far below the max
+    x[:, ::3] = float("-inf")  # a grammar mask
+    mx = x.amax(-1, keepdim=True)
+    ref = (x - mx).exp()
+    got = _exp_below_max(x.clone(), mx, masked=True)
+    assert (got[:, ::3] == 0).all()
+    big = ref > 1e-30
+    assert torch.equal(got[big], ref[big])
+    assert (got[~big] <= 1e-30).all()

@@ -184,14 +184,15 @@ class Sampler:
         penalised = (
             apply_penalties(visible, requests, st, self._history) if st.needs_penalties else visible
         )
-        tokens = self._choose(penalised, st)
+        tokens = self._choose(penalised, st, masks is not None)
         if not st.logprob_rows:
             return PendingSample(tokens, tokens, [], [], self._staging)
         parts = [tokens.double(), *logprob_parts(raw, tokens, st.logprob_rows, st.logprob_ks)]
         return PendingSample(tokens, torch.cat(parts), st.logprob_rows, st.logprob_ks,
                              self._staging)
 
-    def _choose(self, penalised: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    def _choose(self, penalised: torch.Tensor, st: SamplingTensors,
+                masked: bool = False) -> torch.Tensor:
         """Greedy rows take the argmax; random rows are truncated and sampled.
 
         On CPU (single-threaded here) the random rows go in chunks of about `_CHUNK_ELEMENTS`
@@ -219,7 +220,8 @@ class Sampler:
                 rows = to_device(chunk, torch.long, penalised.device)
                 logits = penalised.index_select(0, rows)
             chunk_seeded = [(j, seeded[row]) for j, row in enumerate(chunk) if row in seeded]
-            parts.append(self._sample(truncate(logits, st, rows).weights, chunk_seeded))
+            weights = truncate(logits, st, rows, masked).weights
+            parts.append(self._sample(weights, chunk_seeded))
         sampled = parts[0] if len(parts) == 1 else torch.cat(parts)
         if every_row:
             return sampled

@@ -19,6 +19,7 @@ segmented GPU sort is cheap next to a forward pass. Random rows are then sampled
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,13 @@ def apply_truncation(
 
 
 def truncate(
-    logits: torch.Tensor, st: SamplingTensors, rows: torch.Tensor | None = None
+    logits: torch.Tensor, st: SamplingTensors, rows: torch.Tensor | None = None,
+    masked: bool = False,
 ) -> Truncated:
-    """Temperature, top-k, top-p and min-p for `logits` (the given rows of the batch)."""
+    """Temperature, top-k, top-p and min-p for `logits` (the given rows of the batch).
+
+    `masked`: some logits are -inf (grammar masks), which the exponential is told about.
+    """
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t if rows is None else t.index_select(0, rows)
@@ -77,7 +82,7 @@ def truncate(
             out = out.masked_fill(out < cutoff, _NEG_INF)
         return Truncated(out, None, (out - out.amax(dim=-1, keepdim=True)).exp_())
     mx = scaled.amax(dim=-1, keepdim=True)
-    e = (scaled - mx).exp_()
+    e = _exp_below_max(scaled, mx, masked)
     keep, kth, top = None, None, None
     if st.max_top_k:
         top = scaled.topk(st.max_top_k, dim=-1).values
@@ -97,6 +102,23 @@ def truncate(
         min_p = scaled >= mx + torch.log(pick(st.min_p))[:, None]
         keep = min_p if keep is None else keep & min_p
     return Truncated(scaled, keep, e if keep is None else e * keep)
+
+
+# exp(-87) is about the smallest normal float32; anything below it is 0 next to the max's 1.
+_EXP_FLOOR = -87.0
+_EXP_FLOOR_VALUE = math.exp(_EXP_FLOOR)
+
+
+def _exp_below_max(scaled: torch.Tensor, mx: torch.Tensor, masked: bool) -> torch.Tensor:
+    """exp(scaled - mx). On CPU a row full of -inf (a grammar mask) sends the vectorised exp
+    down its slow special-value path (measured 0.39 ms against 0.07 ms for a 100k-vocab row,
+    and underflowing to 0 is slower still). So masked rows are clamped at a floor whose exp is
+    a normal float, and that value is subtracted again: masked tokens get exactly 0, and a
+    weight above ~1e-31 is unchanged (the floor is far below its last bit)."""
+    shifted = scaled - mx
+    if not masked or shifted.device.type != "cpu":
+        return shifted.exp_()
+    return shifted.clamp_min_(_EXP_FLOOR).exp_().sub_(_EXP_FLOOR_VALUE).clamp_min_(0.0)
 
 
 def top_k_top_p_sorted(

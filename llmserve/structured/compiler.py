@@ -46,6 +46,13 @@ class GrammarCompiler:
         future.add_done_callback(lambda f: self._forget_failed(spec, f))
         return future
 
+    def compiled(self, spec: GrammarSpec) -> bool:
+        """True when `spec` compiled successfully before (it is valid, and `submit` is a hit)."""
+        with self._lock:
+            future = self._cache.get(spec)
+        return (future is not None and future.done() and not future.cancelled()
+                and future.exception() is None)
+
     def warm_up(self, task) -> Future:
         """Run `task` on the pool (e.g. building the backend's tokenizer at start-up)."""
         return self._pool.submit(task)

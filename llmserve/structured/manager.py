@@ -47,7 +47,8 @@ class StructuredOutputManager:
         if so is None:
             return None
         spec = GrammarSpec.from_params(so)
-        self.backend.validate(spec)
+        if not self.compiler.compiled(spec):  # a spec that compiled before is valid
+            self.backend.validate(spec)
         return spec
 
     def admit(self, spec: GrammarSpec, params: SamplingParams,
