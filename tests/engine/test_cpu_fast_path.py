@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from llmserve import LLM, SamplingParams
 from llmserve.kernels import cpu_native
 from llmserve.models.cpu_fast_path import ENV_SWITCH, FusedCPUForward, optimize_for_cpu
+from tests.engine.parity import assert_matches, hf_greedy
 
 pytestmark = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler")
 
@@ -39,24 +40,13 @@ def prompts(vocab: int) -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
-def hf_greedy(model, prompt: list[int]) -> tuple[list[int], list[float]]:
-    ids, logprobs = list(prompt), []
-    for _ in range(MAX_TOKENS):
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-        token = int(logits.argmax())
-        logprobs.append(float(torch.log_softmax(logits, -1)[token]))
-        ids.append(token)
-    return ids[len(prompt):], logprobs
-
-
 @pytest.fixture(scope="module", params=list(ARCHS))
 def reference(request, checkpoint_factory):
     arch, overrides = ARCHS[request.param]
     path = checkpoint_factory(arch, **overrides)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     batch = prompts(vocab=400)
-    return path, batch, [hf_greedy(model, p) for p in batch]
+    return path, batch, [hf_greedy(model, p, MAX_TOKENS) for p in batch]
 
 
 def fast_llm(path: str, **engine_args) -> LLM:
@@ -69,14 +59,6 @@ def fast_llm(path: str, **engine_args) -> LLM:
 def generate(llm: LLM, batch: list[list[int]]):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
     return llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-
-
-def assert_matches(outputs, expected) -> None:
-    for i, (out, (tokens, logprobs)) in enumerate(zip(outputs, expected)):
-        completion = out.outputs[0]
-        assert completion.token_ids == tokens, f"prompt {i}"
-        got = [completion.logprobs[j][t].logprob for j, t in enumerate(completion.token_ids)]
-        assert got == pytest.approx(logprobs, abs=1e-4), f"prompt {i}"
 
 
 def test_fused_forward_greedy_matches_transformers(reference):
