@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from llmserve.server.openai.tool_parsers.json_scan import ScanCache
+from llmserve.server.openai.tool_parsers.json_scan import ScanCache, scan_call
 from llmserve.server.openai.tool_parsers.types import (
     ContentDelta,
     Delta,
@@ -45,6 +45,25 @@ class Block:
     calls: list[PartCall] = field(default_factory=list)
     end: int | None = None
     fail_at: int | None = None
+
+
+def take_call(text: str, i: int, final: bool, cache: ScanCache, calls: list[PartCall],
+              fail_at: int) -> Block | int:
+    """Read the JSON call object at `i` into `calls`: the index just past it when it is
+    complete, else the Block that ends the reading (the text ends, no `{` there, bad JSON from
+    `fail_at` on, or a call still streaming)."""
+    if i == len(text):
+        return Block(calls, fail_at=fail_at) if final else Block(calls)
+    if text[i] != "{":
+        return Block(calls, fail_at=fail_at)
+    scan = scan_call(text, i, final, cache)
+    if scan.status == "bad":
+        return Block(calls, fail_at=fail_at)
+    if scan.name is not None:
+        calls.append(PartCall(scan.name, scan.arguments))
+    if scan.status == "partial":
+        return Block(calls)
+    return scan.end
 
 
 _DROPPED = object()  # a call past the first when parallel calls are off: not output, not text

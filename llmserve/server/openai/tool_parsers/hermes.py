@@ -3,8 +3,8 @@ repeated for parallel calls."""
 
 from __future__ import annotations
 
-from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser
-from llmserve.server.openai.tool_parsers.json_scan import ScanCache, scan_call, skip_ws
+from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser, take_call
+from llmserve.server.openai.tool_parsers.json_scan import ScanCache, skip_ws
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -22,18 +22,11 @@ class HermesToolParser(ToolParser):
 
     def _parse_block(self, text: str, start: int, body: int, final: bool,
                      cache: ScanCache) -> Block:
-        i = skip_ws(text, body)
-        if i == len(text):
-            return Block(fail_at=start) if final else Block()
-        if text[i] != "{":
-            return Block(fail_at=start)
-        scan = scan_call(text, i, final, cache)
-        if scan.status == "bad":
-            return Block(fail_at=start)
-        calls = [PartCall(scan.name, scan.arguments)] if scan.name is not None else []
-        if scan.status == "partial":
-            return Block(calls)
-        j = skip_ws(text, scan.end)
+        calls: list[PartCall] = []
+        end = take_call(text, skip_ws(text, body), final, cache, calls, start)
+        if isinstance(end, Block):
+            return end
+        j = skip_ws(text, end)
         if text.startswith(TOOL_CALL_END, j):
             return Block(calls, end=j + len(TOOL_CALL_END))
         if j == len(text):

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser
-from llmserve.server.openai.tool_parsers.json_scan import ScanCache, scan_call, skip_ws
+from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser, take_call
+from llmserve.server.openai.tool_parsers.json_scan import ScanCache, skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -28,25 +28,17 @@ class Llama3JsonToolParser(ToolParser):
         calls: list[PartCall] = []
         i, fail_at = skip_ws(text, body), start
         while True:
-            if i == len(text):
-                return Block(calls, fail_at=fail_at) if final else Block(calls)
-            if text[i] != "{":
-                return Block(calls, fail_at=fail_at)
-            scan = scan_call(text, i, final, cache)
-            if scan.status == "bad":
-                return Block(calls, fail_at=fail_at)
-            if scan.name is not None:
-                calls.append(PartCall(scan.name, scan.arguments))
-            if scan.status == "partial":
-                return Block(calls)
-            j = skip_ws(text, scan.end)
+            end = take_call(text, i, final, cache, calls, fail_at)
+            if isinstance(end, Block):
+                return end
+            j = skip_ws(text, end)
             if j == len(text) and not final:
                 return Block(calls)  # a `;` and another call may follow
             if not text.startswith(";", j):
-                return Block(calls, end=scan.end)
+                return Block(calls, end=end)
             k = skip_ws(text, j + 1)
             if k == len(text):
                 return Block(calls, end=k) if final else Block(calls)
             if text[k] != "{":
-                return Block(calls, end=scan.end)
+                return Block(calls, end=end)
             i, fail_at = k, k

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import re
 
-from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser
-from llmserve.server.openai.tool_parsers.json_scan import ScanCache, scan_call, skip_ws
+from llmserve.server.openai.tool_parsers.base import Block, PartCall, ToolParser, take_call
+from llmserve.server.openai.tool_parsers.json_scan import ScanCache, skip_ws
 from llmserve.server.openai.tool_parsers.types import make_mistral_call_id
 
 TOOL_CALLS = "[TOOL_CALLS]"
@@ -46,19 +46,10 @@ class MistralToolParser(ToolParser):
         calls: list[PartCall] = []
         fail_at = start
         while True:
-            i = skip_ws(text, i)
-            if i == len(text):
-                return Block(calls, fail_at=fail_at) if final else Block(calls)
-            if text[i] != "{":
-                return Block(calls, fail_at=fail_at)
-            scan = scan_call(text, i, final, cache)
-            if scan.status == "bad":
-                return Block(calls, fail_at=fail_at)
-            if scan.name is not None:
-                calls.append(PartCall(scan.name, scan.arguments))
-            if scan.status == "partial":
-                return Block(calls)
-            j = skip_ws(text, scan.end)
+            end = take_call(text, skip_ws(text, i), final, cache, calls, fail_at)
+            if isinstance(end, Block):
+                return end
+            j = skip_ws(text, end)
             if j == len(text):
                 return Block(calls, fail_at=j) if final else Block(calls)
             if text[j] == "]":
