@@ -16,10 +16,11 @@ from torch import nn
 from llmserve.attention.windows import layer_sliding_windows
 from llmserve.layers.activation import GeluAndMul
 from llmserve.layers.attention import Attention
-from llmserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llmserve.layers.embedding import VocabParallelEmbedding
 from llmserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from llmserve.layers.rmsnorm import GemmaRMSNorm
 from llmserve.layers.rotary import RotaryEmbedding, layer_type_rope_parameters
+from llmserve.models.llama import LlamaForCausalLM
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Hugging Face's activation names -> torch's GELU approximation.
@@ -165,32 +166,17 @@ class Gemma3Model(nn.Module):
         return self.norm(hidden)
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(LlamaForCausalLM):
     """Gemma 3 text causal LM. `forward` returns hidden states; `compute_logits` the float32
     logits of the rows that sample, soft-capped by `final_logit_softcapping` when set."""
 
-    packed_modules = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
-    }
+    model_cls = Gemma3Model
+    tie_by_default = True  # Gemma 3's config class defaults to tied embeddings
 
     def __init__(self, cfg: dict) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = Gemma3Model(cfg)
-        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
-        # Gemma 3 ties them unless the config says otherwise (its config class defaults to True).
-        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(cfg)
         cap = cfg.get("final_logit_softcapping")
         self.final_logit_softcapping = float(cap) if cap is not None else None
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than 0 (only rank 0 samples)."""

@@ -142,7 +142,9 @@ class LlamaForCausalLM(nn.Module):
     """Llama / Mistral / Qwen2 causal LM. `forward` returns hidden states; logits are separate
     so that only the rows that sample pay for the LM head."""
 
-    model_cls: type[LlamaModel] = LlamaModel
+    model_cls: type[nn.Module] = LlamaModel
+    # What a config without `tie_word_embeddings` means (transformers' default per family).
+    tie_by_default = False
     # Checkpoint tensor name fragment -> (fused parameter name fragment, shard).
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -157,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.model = self.model_cls(cfg)
         self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
-        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", self.tie_by_default))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
