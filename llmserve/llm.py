@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from llmserve.engine.llm_engine import LLMEngine, PromptType
+from llmserve.engine.admission import PromptType
+from llmserve.engine.llm_engine import LLMEngine
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
 

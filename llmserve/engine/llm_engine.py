@@ -22,8 +22,6 @@ from llmserve.sampling_params import SamplingParams
 from llmserve.structured.manager import StructuredOutputManager
 from llmserve.tokenizer import Tokenizer
 
-__all__ = ["LLMEngine", "PromptType", "StepStats", "build_engine_config", "served_model_name"]
-
 
 @dataclass
 class StepStats:
