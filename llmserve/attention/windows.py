@@ -33,6 +33,24 @@ def _window(cfg: dict) -> int | None:
     return window
 
 
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def declared_layer_types(cfg: dict, default_pattern: int | None = None) -> list[str] | None:
+    """Each layer's type as the config declares it: `layer_types`, else the one implied by
+    `sliding_window_pattern` (every pattern-th layer full) or the family's default pattern
+    (`default_pattern` for families not listed here); None when it declares neither."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        return list(types)
+    pattern = (cfg.get("sliding_window_pattern")
+               or _DEFAULT_PATTERN.get(cfg.get("model_type"), default_pattern))
+    if not pattern:
+        return None
+    num_layers = int(cfg["num_hidden_layers"])
+    return [FULL if (i + 1) % int(pattern) == 0 else SLIDING for i in range(num_layers)]
+
+
 def layer_sliding_windows(cfg: dict) -> list[int | None]:
     """Per decoder layer: its attention window, or None for full attention."""
     cfg = cfg.get("text_config", cfg)
@@ -41,22 +59,17 @@ def layer_sliding_windows(cfg: dict) -> list[int | None]:
     if window is None:
         return [None] * num_layers
     model_type = cfg.get("model_type")
-    layer_types = cfg.get("layer_types")
     if model_type == "mistral":
         return [window] * num_layers
-    if layer_types is not None:
-        if len(layer_types) != num_layers:
-            raise ValueError(
-                f"layer_types has {len(layer_types)} entries for {num_layers} layers"
-            )
-        return [window if t == "sliding_attention" else None for t in layer_types]
-    if model_type in _QWEN_TYPES:
+    if cfg.get("layer_types") is None and model_type in _QWEN_TYPES:
         first = int(cfg.get("max_window_layers", 0) or 0)
         return [window if i >= first else None for i in range(num_layers)]
-    pattern = cfg.get("sliding_window_pattern") or _DEFAULT_PATTERN.get(model_type)
-    if pattern:
-        return [None if (i + 1) % int(pattern) == 0 else window for i in range(num_layers)]
-    return [window] * num_layers
+    types = declared_layer_types(cfg)
+    if types is None:
+        return [window] * num_layers
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    return [window if t == SLIDING else None for t in types]
 
 
 def kv_release_window(cfg: dict) -> int | None:

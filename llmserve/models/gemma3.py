@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmserve.attention.windows import layer_sliding_windows
+from llmserve.attention.windows import FULL, SLIDING, declared_layer_types, layer_sliding_windows
 from llmserve.layers.activation import GeluAndMul
 from llmserve.layers.attention import Attention
 from llmserve.layers.embedding import VocabParallelEmbedding
@@ -22,7 +22,6 @@ from llmserve.layers.rmsnorm import GemmaRMSNorm
 from llmserve.layers.rotary import RotaryEmbedding, layer_type_rope_parameters
 from llmserve.models.llama import LlamaForCausalLM
 
-SLIDING, FULL = "sliding_attention", "full_attention"
 # Hugging Face's activation names -> torch's GELU approximation.
 _GELU_APPROXIMATION = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
@@ -31,11 +30,7 @@ def gemma3_layer_types(cfg: dict) -> list[str]:
     """Each layer's attention type: `layer_types` (transformers 5) or, in older configs, every
     `sliding_window_pattern`-th layer global and the rest local."""
     num_layers = cfg["num_hidden_layers"]
-    types = cfg.get("layer_types")
-    if types is None:
-        pattern = int(cfg.get("sliding_window_pattern") or 6)
-        types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(num_layers)]
-    types = list(types)
+    types = declared_layer_types(cfg, default_pattern=6)  # transformers' default for Gemma 3
     if len(types) != num_layers or any(t not in (SLIDING, FULL) for t in types):
         raise ValueError(
             f"layer_types must give {num_layers} entries of {SLIDING!r} or {FULL!r}, got {types!r}"
