@@ -149,3 +149,23 @@ def test_released_blocks_are_reused_and_prefix_hits_stay_exact(tmp_path):
     assert outs["a"] == outs["b"] == outs["c"]
     assert engine.kv.prefix_cache_hits > 0
     engine.kv.pool.check_integrity()
+
+
+def test_abort_after_blocks_were_released_frees_everything(tmp_path):
+    """A request aborted while it holds only its window's blocks (the early ones already
+    released) gives every block back; none is freed twice."""
+    path = build_random_window_checkpoint(tmp_path, "mistral", sliding_window=24)
+    engine = LLMEngine.from_args(str(path), dtype="float32", block_size=16, num_kv_blocks=8,
+                                 max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    engine.add_request("long", {"prompt_token_ids": [(3 * i) % 300 + 3 for i in range(150)]},
+                       params)
+    for _ in range(12):  # past the prompt (5 chunks of 32) and into decode
+        engine.step()
+    assert engine.kv.block_ids("long").count(-1) > 0  # some blocks were released already
+    engine.abort_request("long")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()
+    assert engine.kv.num_free_blocks == 8
+    engine.kv.pool.check_integrity()
