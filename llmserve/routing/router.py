@@ -49,7 +49,10 @@ class Router:
         self.overrides: dict[str, Override] = {}
         self._mirrors: dict[str, ShadowMirror] = {}
         self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512),
+            # Idle connections expire before uvicorn's 5 s keep-alive closes them on the replica's
+            # side, so a reused connection is rarely one the replica is closing.
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=512,
+                                keepalive_expiry=4.0),
             timeout=self.timeout, trust_env=False)
         self.health = HealthMonitor(self.client, self.registry.all, config.health,
                                     self._replica_changed)

@@ -4,6 +4,8 @@ A request is retried on another replica when its attempt fails before the router
 client a single byte: the connection could not be opened, the replica died before answering, it
 answered 502/503/504, or (streaming) it died before its first chunk. The router reads the first
 chunk before it commits to a response, so "not started streaming" is exactly "nothing sent".
+A connection that broke after it was opened gets its replica one more attempt when no other
+replica is left: replicas close idle kept-alive connections on their own clock.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ _RETRY_STATUS = (502, 503, 504)
 # not among them: the replica may still be working, and a retry would double the wait.
 RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
              httpx.RemoteProtocolError, httpx.PoolTimeout)
+# An opened connection that broke: the replica may have died, or it closed a kept-alive
+# connection on its own clock just as the router reused it. The second says nothing about its
+# health, so such a replica gets one more attempt (on a new connection) before it counts.
+BROKEN_CONNECTION = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 class UpstreamError(Exception):
@@ -94,9 +100,13 @@ class Upstream:
         """
         policy, replicas = pool
         tried: set[str] = set()
+        broke_once: set[str] = set()  # replicas whose connection broke once for this request
+        again: ReplicaState | None = None
         last = "no healthy replica"
         for _ in range(self.max_attempts()):
-            replica = policy.pick(replicas, key, tried)
+            # Another replica first; the one whose connection just broke if none is left.
+            replica = policy.pick(replicas, key, tried) or again
+            again = None
             if replica is None:
                 break
             tried.add(replica.url)
@@ -107,7 +117,11 @@ class Upstream:
             except RETRYABLE as exc:
                 replica.outstanding -= 1
                 last = f"{replica.url}: {type(exc).__name__}"
-                self.report_failure(replica, last, isinstance(exc, httpx.ConnectError))
+                if isinstance(exc, BROKEN_CONNECTION) and replica.url not in broke_once:
+                    broke_once.add(replica.url)
+                    again = replica
+                else:
+                    self.report_failure(replica, last, isinstance(exc, httpx.ConnectError))
             except UpstreamError as exc:
                 replica.outstanding -= 1
                 last = f"{replica.url}: {exc.message}"

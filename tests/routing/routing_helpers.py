@@ -79,7 +79,11 @@ def model_config(deployments: dict[str, list[str]], primary: str, owners: dict |
 
 
 def router_config(models: dict, **extra) -> dict:
-    base = {"admin_token": "secret", "health": {"interval_s": 0.2, "timeout_s": 0.5,
+    # Probes run often so that ejection tests are quick, but a probe may wait long: these
+    # backends share one event loop with the router and the test's own clients, so on a
+    # loaded 2-core CI machine a healthy backend can take over a second to accept a probe,
+    # and a short timeout ejected every replica mid-test (503 no_healthy_replica).
+    base = {"admin_token": "secret", "health": {"interval_s": 0.2, "timeout_s": 10,
                                                 "unhealthy_threshold": 1, "healthy_threshold": 1}}
     return {**base, **extra, "models": models}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 from fake_openai_backend import Behaviour
@@ -112,3 +113,51 @@ async def test_client_leaving_mid_stream_frees_the_replica_and_records_an_abort(
                 await asyncio.sleep(0.02)
             assert replica.outstanding == 0
             assert router.accounts.counts[("chat", "v1", "primary", "aborted")] == 1
+
+
+async def _replica_that_drops_its_first_request() -> tuple[asyncio.Server, list[str]]:
+    """A minimal HTTP replica: it closes the connection of the first POST without answering
+    (as a replica closing a kept-alive connection the router reuses does), then answers."""
+    seen: list[str] = []
+    answer = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "chat",
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                             "role": "assistant", "content": "hello from v1"}}]}).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            if not head:
+                break
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            method = head.split(b" ", 1)[0].decode()
+            seen.append(method)
+            if method == "POST" and seen.count("POST") == 1:
+                break  # hang up with nothing written
+            body = answer if method == "POST" else b"{}"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, seen
+
+
+async def test_a_broken_connection_to_the_only_replica_is_tried_once_more_and_does_not_eject(tmp_path):
+    server, seen = await _replica_that_drops_its_first_request()
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        replica_url = f"http://127.0.0.1:{port}"
+        cfg = router_config({"chat": model_config({"v1": [replica_url]}, "v1")},
+                            health={"interval_s": 30, "unhealthy_threshold": 1})
+        async with running_router(cfg, tmp_path) as (router, url):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                r = await client.post("/v1/chat/completions", json=_body(0))
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"] == "hello from v1"
+            assert seen.count("POST") == 2
+            replica = router.registry.get(replica_url, None)
+            assert replica.healthy and replica.outstanding == 0
+            assert router.events.recent(kind="eject") == []
