@@ -59,7 +59,7 @@ def load() -> FusedOps | None:
         logger.info("fused CPU ops are built on Linux and macOS only; using torch ops")
         return None
     try:
-        lib = ctypes.CDLL(str(cpu_native.build(source=SOURCE)))
+        lib = cpu_native.open_library(SOURCE)
         fns = []
         for name, (argtypes, restype) in _SIGNATURES.items():
             fn = getattr(lib, name)

@@ -33,11 +33,14 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "paged_decode.c"
 ENV_SWITCH = "LLMSERVE_NATIVE_KERNELS"
-# -fopenmp-simd honours the `omp simd` pragma without linking an OpenMP runtime; no -ffast-math,
-# so sums are reordered only where the source says so. -march=native is safe because the library
-# is built where it runs (the CPU is in the cache key); compilers that reject it get the second set.
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast", "-fopenmp-simd")
-FLAG_SETS = (FLAGS + ("-march=native",), FLAGS)
+# No -ffast-math, so sums are reordered only where the source says so (`omp simd`). -march=native
+# is safe because the library is built where it runs (the CPU is in the cache key). -fopenmp
+# links libgomp, which resolves to the copy torch has loaded (same soname), so the kernel's
+# threads are torch's; without it, -fopenmp-simd honours the simd pragmas in one thread.
+# Compilers (or runtimes) that reject a set get the next one.
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast")
+FLAG_SETS = (FLAGS + ("-fopenmp", "-march=native"), FLAGS + ("-fopenmp-simd", "-march=native"),
+             FLAGS + ("-fopenmp-simd",))
 _SYMBOL = "llmserve_paged_decode_f32"
 _ERRORS = {
     -1: "a decode sequence length is below 1 or longer than its block table row",
@@ -89,10 +92,13 @@ def _machine_id() -> str:
     return "\n".join(ident)
 
 
-def build(directory: Path | None = None, source: Path | None = None) -> Path:
+def build(directory: Path | None = None, source: Path | None = None,
+          flag_sets: tuple[tuple[str, ...], ...] | None = None) -> Path:
     """Path of the compiled library of `source` (default: the decode kernel), compiling it first
-    unless a build for this source, compiler, flags and CPU is cached. Raises NativeUnavailable."""
+    unless a build for this source, compiler, flags and CPU is cached. `flag_sets` (default:
+    FLAG_SETS) are tried in order. Raises NativeUnavailable."""
     source = source or SOURCE
+    flag_sets = FLAG_SETS if flag_sets is None else flag_sets
     cc = find_compiler()
     if cc is None:
         raise NativeUnavailable("no C compiler found (looked for sysconfig CC and cc)")
@@ -101,7 +107,7 @@ def build(directory: Path | None = None, source: Path | None = None) -> Path:
     stat = os.stat(real)
     ident = (source.read_bytes(), real, stat.st_size, stat.st_mtime_ns, _machine_id())
     targets = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(repr((ident, flags)).encode()).hexdigest()[:20]
         targets.append((flags, directory / f"{source.stem}-{key}.so"))
     for _, target in targets:
@@ -136,6 +142,19 @@ def _compile(cc: str, flags: tuple[str, ...], target: Path, source: Path) -> Non
             os.unlink(tmp)
 
 
+def open_library(source: Path | None = None) -> ctypes.CDLL:
+    """Build (or find cached) and load `source`. A build that compiles but does not load here
+    (an OpenMP runtime this process cannot take, say) gives way to the next flag set."""
+    errors = []
+    for first in range(len(FLAG_SETS)):
+        path = build(source=source, flag_sets=FLAG_SETS[first:])
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as exc:
+            errors.append(f"{path.name}: {exc}")
+    raise NativeUnavailable("; ".join(errors))
+
+
 @functools.cache
 def load() -> Any | None:
     """The ctypes function of the native decode kernel, or None (reason logged once).
@@ -149,7 +168,7 @@ def load() -> Any | None:
         logger.info("native CPU attention is built on Linux and macOS only; using the torch path")
         return None
     try:
-        fn = getattr(ctypes.CDLL(str(build())), _SYMBOL)
+        fn = getattr(open_library(), _SYMBOL)
     except Exception as exc:  # any failure here must leave the engine on the torch path
         logger.warning("native CPU attention unavailable, using the torch path: %s", exc)
         return None

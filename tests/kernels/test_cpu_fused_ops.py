@@ -88,6 +88,42 @@ def test_silu_and_mul_matches_torch_including_large_gates():
                                rtol=1e-6, atol=1e-30)
 
 
+def _on_threads(n: int, fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_prefill_sized_calls_split_over_threads_give_the_one_thread_results():
+    # Every call below is past the kernels' parallel threshold (65,536 elements).
+    g = gen(4)
+    rows, heads, kv_heads, head_dim = 700, 8, 2, 32
+    x, res, w = (torch.randn(rows, 256, generator=g), torch.randn(rows, 256, generator=g),
+                 torch.randn(256, generator=g))
+    gate_up = torch.randn(rows, 2 * 512, generator=g) * 4
+    rope = RotaryEmbedding(head_dim, 2048, 10000.0)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=g)
+    positions = torch.randint(0, 2048, (rows,), generator=g)
+    qn, kn = torch.randn(head_dim, generator=g), torch.randn(head_dim, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        residual = res.clone()
+        normed, _ = cpu_fused.add_rms_norm(x, w, 1e-6, residual)
+        roped = cpu_fused.qk_norm_rope_(qkv.clone(), positions, rope.cos_sin_cache, heads,
+                                        kv_heads, head_dim, qn, kn, 1e-6)
+        return [normed, residual, roped, cpu_fused.silu_and_mul(gate_up)]
+
+    spread, single = _on_threads(max(2, torch.get_num_threads()), run), _on_threads(1, run)
+    for a, b in zip(spread, single):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(spread[0], ref.rms_norm(x, w, 1e-6, res.clone())[0],
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(spread[3], ref.silu_and_mul(gate_up), rtol=1e-6, atol=1e-30)
+
+
 def test_wrappers_refuse_what_the_kernels_cannot_read():
     with pytest.raises(ValueError, match="float32"):
         cpu_fused.silu_and_mul(torch.zeros(2, 8, dtype=torch.float16))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -136,6 +137,31 @@ def test_other_dtypes_stay_on_torch(native, paged_batch, dtype):
     assert torch.equal(out, want)
 
 
+def test_a_step_large_enough_to_run_on_every_thread_matches_torch_and_one_thread(native, paged_batch):
+    # 9 sequences x ~1,000 positions x 2 KV heads is past the kernel's parallel threshold, so the
+    # (sequence, KV head) items are spread over torch's threads when the library has OpenMP.
+    lens = [1000, 17, 1200, 640, 1, 999, 1100, 800, 1300]
+    batch = paged_batch([1] * len(lens), lens, 2, 4, 32, 16, F32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        spread, want = _both(batch)
+        torch.set_num_threads(1)
+        single, _ = _both(batch)
+    finally:
+        torch.set_num_threads(threads)
+    _close(spread, want)
+    assert torch.equal(spread, single)  # each item is computed the same way on any thread
+
+
+def test_a_bad_block_id_in_a_parallel_step_raises(native, paged_batch):
+    batch = paged_batch([1] * 8, [1100] * 8, 2, 2, 32, 16, F32)
+    tables = batch.block_tables.clone()
+    tables[5, 3] = batch.k_cache.shape[0]
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        _both(batch, tables=tables)
+
+
 def test_block_id_outside_the_cache_raises(native, paged_batch):
     batch = paged_batch([1, 1], [20, 40], 2, 2, 32, 16, F32)
     tables = batch.block_tables.clone()
@@ -187,6 +213,24 @@ def test_compiler_rejecting_march_native_gets_the_portable_flags(monkeypatch, tm
     library = cpu_native.build(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [library.name]
     assert cpu_native.build(tmp_path) == library
+
+
+@needs_compiler
+def test_a_build_that_does_not_load_gives_way_to_the_next_flag_set(monkeypatch, tmp_path):
+    # Compiles (a shared library may leave symbols undefined) but dlopen rejects it, as it would
+    # an OpenMP build whose runtime this process cannot take.
+    header = tmp_path / "missing.h"
+    header.write_text("extern int llmserve_no_such_symbol;\n"
+                      "__attribute__((constructor)) static void probe(void) "
+                      "{ llmserve_no_such_symbol = 1; }\n")
+    unloadable = cpu_native.FLAGS + ("-include", str(header))
+    monkeypatch.setattr(cpu_native, "FLAG_SETS", (unloadable, cpu_native.FLAGS))
+    monkeypatch.setenv("LLMSERVE_CACHE", str(tmp_path))
+    lib = cpu_native.open_library()
+    assert hasattr(lib, "llmserve_paged_decode_f32")
+    assert len(list((tmp_path / "native").iterdir())) == 2  # both built, the second loaded
+    with pytest.raises(OSError, match="llmserve_no_such_symbol"):
+        ctypes.CDLL(str(cpu_native.build(flag_sets=(unloadable,))))
 
 
 @needs_compiler

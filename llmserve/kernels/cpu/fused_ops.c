@@ -4,13 +4,19 @@
  * every op costs more in framework dispatch than in arithmetic. Here each is one pass over the
  * rows, called once per layer through ctypes by llmserve/kernels/cpu_fused.py.
  *
- * Built like paged_decode.c: -O3 -march=native -ffp-contract=fast -fopenmp-simd, no -ffast-math,
- * so sums are reordered only where the source says so (the `omp simd` reductions) and a * b + c
- * may become one fused multiply-add. Results match the torch ops to float rounding.
+ * Built like paged_decode.c: -O3 -march=native -ffp-contract=fast -fopenmp (else -fopenmp-simd),
+ * no -ffast-math, so sums are reordered only where the source says so (the `omp simd`
+ * reductions) and a * b + c may become one fused multiply-add. Results match the torch ops to
+ * float rounding. Rows are independent: large calls (prefill) split them over torch's OpenMP
+ * threads, each row computed exactly as on one thread.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Below this many elements a call stays on the calling thread (decode sizes): waking the other
+ * threads costs microseconds, more than they would save. */
+#define PARALLEL_MIN_ELEMENTS 65536
 
 /* h = x + residual (stored into `sum`, which may alias either input) when residual is not NULL,
  * else h = x; out = h * rsqrt(mean(h^2) + eps) * weight. Row strides in floats; `dim` contiguous.
@@ -20,6 +26,7 @@ void llmserve_add_rms_norm_f32(float *out, int64_t out_stride, float *sum, int64
                                int64_t res_stride, const float *weight, int64_t rows, int64_t dim,
                                float eps)
 {
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_MIN_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * x_stride;
         const float *h = xr;
@@ -71,17 +78,19 @@ static inline void norm_rope_head(float *restrict x, const float *restrict weigh
 /* q/k norm (when the weights are given) and rotary of the q and k heads of a fused qkv output,
  * in place. Row t holds num_heads q heads then num_kv_heads k heads, each head_dim wide, from
  * qkv + t * row_stride. cos_sin: [max_position, head_dim] (cos | sin halves). Returns 0, or -1
- * when a position is outside the cache (nothing past that row is written). */
+ * when a position is outside the cache (then nothing is written). */
 int llmserve_qk_norm_rope_f32(float *qkv, int64_t row_stride, int64_t rows, int64_t num_heads,
                               int64_t num_kv_heads, int64_t head_dim, const float *q_weight,
                               const float *k_weight, float eps, const float *cos_sin,
                               int64_t max_position, const int64_t *positions)
 {
-    for (int64_t t = 0; t < rows; t++) {
-        const int64_t pos = positions[t];
-        if (pos < 0 || pos >= max_position)
+    for (int64_t t = 0; t < rows; t++)
+        if (positions[t] < 0 || positions[t] >= max_position)
             return -1;
-        const float *cs = cos_sin + pos * head_dim;
+    const int64_t elements = rows * (num_heads + num_kv_heads) * head_dim;
+#pragma omp parallel for schedule(static) if (elements >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t t = 0; t < rows; t++) {
+        const float *cs = cos_sin + positions[t] * head_dim;
         float *row = qkv + t * row_stride;
         for (int64_t h = 0; h < num_heads; h++)
             norm_rope_head(row + h * head_dim, q_weight, eps, cs, head_dim);
@@ -125,6 +134,7 @@ static inline float exp_clamped(float x)
 void llmserve_silu_and_mul_f32(float *out, const float *x, int64_t x_stride, int64_t rows,
                                int64_t d)
 {
+#pragma omp parallel for schedule(static) if (rows * d >= PARALLEL_MIN_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         const float *gate = x + r * x_stride, *up = gate + d;
         float *o = out + r * d;

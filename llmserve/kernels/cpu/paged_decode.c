@@ -10,7 +10,7 @@
  * once for all the query heads of its group.
  *
  * Built by llmserve/kernels/cpu_native.py with -O3 -march=native -ffp-contract=fast
- * -fopenmp-simd and no -ffast-math: sums are reordered only where written so here (the vector
+ * -fopenmp (else -fopenmp-simd: one thread) and no -ffast-math: sums are reordered only where written so here (the vector
  * dot products, the `omp simd` reduction), and a * b + c may become one fused multiply-add.
  */
 #include <math.h>
@@ -220,9 +220,75 @@ static int attend_any_d(const struct context *c, int64_t D, int64_t G, const flo
     }
 }
 
+/* Everything one (sequence, KV head) item needs besides its scratch. */
+struct decode_args {
+    float *out;
+    const float *q, *k_cache, *v_cache;
+    int64_t q_row_stride, q_head_stride, num_blocks, block_size, num_heads, num_kv_heads, D, G;
+    float scale;
+    const void *block_tables;
+    int64_t table_elem_size, table_width, window;
+    const int64_t *seq_lens, *rows;
+};
+
+/* Attend item `item` = sequence item / num_kv_heads, KV head item % num_kv_heads, and write its
+ * G output heads. buf: this thread's scratch of G * (2D + TILE + VL + 2) floats. */
+static int decode_item(const struct decode_args *a, int64_t item, float *buf)
+{
+    const int64_t G = a->G, D = a->D, i = item / a->num_kv_heads;
+    float *qs = buf, *acc = qs + G * D, *l = acc + G * D, *m = l + G, *s = m + G;
+    struct context c = {a->k_cache, a->v_cache, a->num_blocks, a->block_size, a->num_kv_heads,
+                        item % a->num_kv_heads,
+                        (const char *)a->block_tables + i * a->table_width * a->table_elem_size,
+                        a->table_elem_size, a->seq_lens[i], 0};
+    if (a->window > 0 && c.len > a->window)
+        c.begin = c.len - a->window;
+    const float *qr = a->q + a->rows[i] * a->q_row_stride + c.kv_head * G * a->q_head_stride;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++)
+            qs[g * D + d] = qr[g * a->q_head_stride + d] * a->scale;
+    const int status = attend_any_d(&c, D, G, qs, acc, l, m, s);
+    float *o = a->out + (a->rows[i] * a->num_heads + c.kv_head * G) * D;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++)
+            o[g * D + d] = acc[g * D + d] / l[g];
+    return status;
+}
+
+/* Below this many attended (position, KV head) pairs a step runs on the calling thread: waking
+ * the other threads costs more than they save (one item is a few microseconds at most). */
+#define PARALLEL_MIN_WORK 16384
+
+/* Items run on the caller's OpenMP threads when the library is built with -fopenmp: it then
+ * links the libgomp that torch has already loaded, so they are torch's own intra-op threads
+ * (the count follows torch.set_num_threads) and never a second pool competing for the cores.
+ * Each item is computed by one thread exactly as in the serial loop: results do not depend on
+ * the thread count. */
+static int decode_items(const struct decode_args *a, int64_t items, int64_t work)
+{
+    const size_t scratch = sizeof(float) * (size_t)(a->G * (2 * a->D + TILE + VL + 2));
+    int status = 0;
+#pragma omp parallel if (work >= PARALLEL_MIN_WORK) reduction(min : status)
+    {
+        float *buf = malloc(scratch);
+        if (buf == NULL)
+            status = -3;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; item++) {
+            if (buf == NULL)
+                continue;
+            const int st = decode_item(a, item, buf);
+            status = st < status ? st : status;
+        }
+        free(buf);
+    }
+    return status;
+}
+
 /* Returns 0, -1 (a seq_len below 1 or beyond its table row), -2 (a block id out of range) or
- * -3 (out of memory). window > 0 limits each row to its last `window` positions (a sliding
- * window): table entries before them are never read, so they may be released (-1). */
+ * -3 (out of memory); when several occur, the lowest. window > 0 limits each row to its last
+ * `window` positions (a sliding window): table entries before them are never read, so they may
+ * be released (-1). */
 int llmserve_paged_decode_f32(float *out, const float *q, int64_t q_row_stride,
                               int64_t q_head_stride, const float *k_cache, const float *v_cache,
                               int64_t num_blocks, int64_t block_size, int64_t num_heads,
@@ -231,34 +297,16 @@ int llmserve_paged_decode_f32(float *out, const float *q, int64_t q_row_stride,
                               int64_t table_width, const int64_t *seq_lens, const int64_t *rows,
                               int64_t num_seqs, int64_t window)
 {
-    const int64_t G = num_heads / num_kv_heads, D = head_dim;
-    float *buf = malloc(sizeof(float) * (size_t)(G * (2 * D + TILE + VL + 2)));
-    if (buf == NULL)
-        return -3;
-    float *qs = buf, *acc = qs + G * D, *l = acc + G * D, *m = l + G, *s = m + G;
-    int status = 0;
-    for (int64_t i = 0; i < num_seqs && status == 0; i++) {
-        struct context c = {k_cache, v_cache, num_blocks, block_size, num_kv_heads, 0,
-                            (const char *)block_tables + i * table_width * table_elem_size,
-                            table_elem_size, seq_lens[i], 0};
-        if (window > 0 && c.len > window)
-            c.begin = c.len - window;
-        if (c.len < 1 || (c.len + block_size - 1) / block_size > table_width) {
-            status = -1;
-            break;
-        }
-        for (c.kv_head = 0; c.kv_head < num_kv_heads && status == 0; c.kv_head++) {
-            const float *qr = q + rows[i] * q_row_stride + c.kv_head * G * q_head_stride;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t d = 0; d < D; d++)
-                    qs[g * D + d] = qr[g * q_head_stride + d] * scale;
-            status = attend_any_d(&c, D, G, qs, acc, l, m, s);
-            float *o = out + (rows[i] * num_heads + c.kv_head * G) * D;
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t d = 0; d < D; d++)
-                    o[g * D + d] = acc[g * D + d] / l[g];
-        }
+    int64_t work = 0;
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t len = seq_lens[i];
+        if (len < 1 || (len + block_size - 1) / block_size > table_width)
+            return -1;
+        work += window > 0 && len > window ? window : len;
     }
-    free(buf);
-    return status;
+    const struct decode_args a = {out, q, k_cache, v_cache, q_row_stride, q_head_stride,
+                                  num_blocks, block_size, num_heads, num_kv_heads, head_dim,
+                                  num_heads / num_kv_heads, scale, block_tables, table_elem_size,
+                                  table_width, window, seq_lens, rows};
+    return decode_items(&a, num_seqs * num_kv_heads, work * num_kv_heads);
 }
