@@ -4,7 +4,8 @@ optionally vLLM's CPU build (`make peer-vllm`; it runs in its own virtualenv as 
 Same checkpoint, same prompts (token ids), same output lengths (ignore_eos), measured in one run.
 With `--rounds N` every engine is built once and then runs once per round, in alternating order
 (round 1 in `--engines` order, round 2 reversed, ...), on that round's prompts, so a machine
-whose speed drifts cannot favour one engine; the table and JSON give the median per engine and
+whose speed drifts cannot favour one engine; on CPU an untimed warm-up round of every engine
+comes first (`--warmup-rounds`); the table and JSON give the median per engine and
 llmserve's ratio to each peer per round. Greedy tokens of the first `--check-tokens` prompts are
 compared between llmserve and each peer that returns them.
 
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", default="llmserve,hf_generate_batch,hf_generate",
                    help=f"comma-separated, from {', '.join(ENGINES)} (vllm needs `make peer-vllm`)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are reported")
+    p.add_argument("--warmup-rounds", type=int, default=None,
+                   help="untimed rounds of every engine first (default: 1 on CPU, 0 on a GPU)")
     p.add_argument("--check-tokens", type=int, default=4,
                    help="compare greedy tokens of this many prompts (round 1) with llmserve's")
     p.add_argument("--dtype", default="float32")
@@ -344,6 +347,12 @@ def run_llmserve_fresh(args, path, prompts, out_lens, device) -> dict:
         reset_peak(device)
 
 
+def warmup_rounds(args, device: torch.device) -> int:
+    if args.warmup_rounds is not None:
+        return args.warmup_rounds
+    return 1 if device.type == "cpu" else 0  # GPU time is scarce; engines warm up on a request
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = device_of(args)
@@ -354,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     closers: list = []
     try:
         runners, info = build_engines(args, path, device, closers)
+        for k in range(warmup_rounds(args, device)):
+            # Untimed: an engine's first large round pays one-off costs (here up to 2x its
+            # steady time, right after the vLLM peer started: fresh memory for big
+            # activations). Prompts from seeds no timed round uses (random.Random(-n) would
+            # repeat seed n's prompts, and the prefix cache would then skip their prefill).
+            prompts, out_lens = make_workload(args, min(vocab, 32000), seed=args.seed + 100_000 + k)
+            for name in args.engines:
+                runners[name](prompts, out_lens)
+                print(f"warm-up {k + 1} {name} done", file=sys.stderr)
         for k in range(args.rounds):
             # Fresh prompts each round (seed + k): no engine gets prefix-cache hits from an
             # earlier round, and every engine gets the same prompts within a round.
@@ -423,6 +441,7 @@ def summary(args, device, rounds: dict[str, list[dict]], info: dict, tokens: dic
         "workload": {"name": args.workload, "num_prompts": args.num_prompts,
                      "input_len_range": args.input_len_range, "output_len_range": args.output_len_range,
                      "seeds": [args.seed + k for k in range(args.rounds)], "rounds": args.rounds,
+                     "warmup_rounds": warmup_rounds(args, device),
                      "engine_order": "round 1 as listed, then alternately reversed",
                      "engines": args.engines,
                      "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens},

