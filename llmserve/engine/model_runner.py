@@ -34,8 +34,8 @@ from llmserve.engine.request import Request
 from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from llmserve.engine.sampling_logprobs import PendingPromptLogprobs, prompt_logprob_targets
 from llmserve.engine.scheduler import SchedulerOutput
-from llmserve.layers.attention import Attention
 from llmserve.kernels.cpu_allocator import keep_freed_memory
+from llmserve.layers.attention import Attention
 from llmserve.models.cpu_fast_path import optimize_for_cpu
 from llmserve.models.loader import load_model
 from llmserve.structured.masks import start_grammar_masks
