@@ -255,7 +255,7 @@ def test_large_vocab_batches_are_sampled_in_chunks_with_the_same_results():
     threads = torch.get_num_threads()
     sampler = Sampler()
     runs = [sampler(logits, reqs).token_ids for _ in range(3)]
-    assert torch.get_num_threads() == threads  # restored after the single-threaded sampling
+    assert torch.get_num_threads() == threads  # sampling leaves torch's thread count alone
     top = logits.topk(50, dim=-1).indices
     for i, p in enumerate(params):
         if p.get("temperature") == 0.0:
