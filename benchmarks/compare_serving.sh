@@ -10,9 +10,9 @@
 #     bash benchmarks/compare_serving.sh [NUM_PROMPTS] [CONCURRENCY]
 #
 # llmserve and transformers serve start in each of their turns (seconds). vLLM starts once, before
-# round 1, because it takes a minute or more (torch.compile); between its turns it sits idle, and
-# the CPU seconds it used meanwhile are recorded (peers.vllm-serve in the results) to show it took
-# nothing from the others. Ports are picked free at start (override: LLMSERVE_PORT, HF_PORT,
+# round 1, because it takes a minute or more (torch.compile); between its turns its processes are
+# stopped (SIGSTOP, then SIGCONT for its turn): idle, they still took ~4 CPU s over the others'
+# turns. The CPU seconds they used meanwhile are recorded (peers.vllm-serve in the results). Ports are picked free at start (override: LLMSERVE_PORT, HF_PORT,
 # VLLM_PORT); server logs stay in $LOGS (default /tmp/compare-serving-<pid>).
 #
 # Checkpoint: a random 2-layer, hidden-128 Llama (bpe tokenizer), float32. Greedy decoding, no
@@ -49,6 +49,7 @@ vllm_pid=
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 stop_vllm() {  # the server and its engine-core/worker processes (its own process group)
   [ -n "$vllm_pid" ] || return 0
+  kill -CONT -- "-$vllm_pid" 2>/dev/null || true  # a stopped server would not see the TERM
   kill -TERM -- "-$vllm_pid" 2>/dev/null || true
   for _ in $(seq 1 60); do kill -0 "$vllm_pid" 2>/dev/null || break; sleep 0.5; done
   kill -KILL -- "-$vllm_pid" 2>/dev/null || true
@@ -122,7 +123,10 @@ for round in $(seq 1 "$ROUNDS"); do
   for server in "${order[@]}"; do
     echo "--- round $round/$ROUNDS: $server"
     if [ -n "$vllm_pid" ] && [ "$server" != vllm-serve ]; then
+      # Stopped while the others run: idle, its processes still take CPU from them.
+      kill -STOP -- "-$vllm_pid"
       before=$(vllm_cpu); measure "$server" "$round"; after=$(vllm_cpu)
+      kill -CONT -- "-$vllm_pid"
       idle_cpu=$("$PY" -c "print(round($idle_cpu + $after - $before, 2))")
     else
       measure "$server" "$round"
