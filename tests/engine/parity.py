@@ -37,3 +37,24 @@ def assert_matches(outputs, expected) -> None:
         assert completion.token_ids == tokens, f"prompt {i}"
         got = [completion.logprobs[j][t].logprob for j, t in enumerate(completion.token_ids)]
         assert got == pytest.approx(logprobs, abs=1e-4), f"prompt {i}"
+
+
+def assert_exact_under_preemption(path, prompts, expected, max_tokens: int, num_kv_blocks: int,
+                                  **engine_args):
+    """A pool small enough to force preemption: still the reference's tokens and logprobs, and
+    every block back in the pool at the end. Returns the LLM."""
+    llm, outputs = run_llmserve(path, prompts, max_tokens, num_kv_blocks=num_kv_blocks,
+                                block_size=16, **engine_args)
+    assert llm.stats()["num_preemptions"] > 0
+    assert_matches(outputs, expected)
+    assert llm.stats()["kv_blocks_free"] == num_kv_blocks
+    return llm
+
+
+def assert_exact_with_chunked_prefill(path, prompts, expected, max_tokens: int, budget: int):
+    """A token budget small enough to split prompts over steps (no prefix cache to hide it):
+    still the reference's tokens and logprobs. Returns the LLM."""
+    llm, outputs = run_llmserve(path, prompts, max_tokens, max_num_batched_tokens=budget,
+                                enable_prefix_caching=False)
+    assert_matches(outputs, expected)
+    return llm

@@ -25,7 +25,13 @@ from llmserve.layers.rotary import layer_type_rope_parameters
 from llmserve.models.cpu_fast_path import fast_path_blocker
 from llmserve.models.gemma3 import Gemma3ForCausalLM, gemma3_layer_types
 from llmserve.models.loader import load_model
-from tests.engine.parity import assert_matches, hf_greedy, run_llmserve
+from tests.engine.parity import (
+    assert_exact_under_preemption,
+    assert_exact_with_chunked_prefill,
+    assert_matches,
+    hf_greedy,
+    run_llmserve,
+)
 
 MAX_TOKENS = 8
 WINDOWED = {
@@ -74,17 +80,11 @@ def test_greedy_batch_matches_transformers(reference):
 
 
 def test_greedy_with_preemption_matches_transformers(reference):
-    path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, num_kv_blocks=12, block_size=16)
-    assert llm.stats()["num_preemptions"] > 0
-    assert_matches(outputs, expected)
-    assert llm.stats()["kv_blocks_free"] == 12
+    assert_exact_under_preemption(*reference, MAX_TOKENS, num_kv_blocks=12)
 
 
 def test_greedy_with_chunked_prefill_matches_transformers(reference):
-    path, prompts, expected = reference
-    _, outputs = run_llmserve(path, prompts, MAX_TOKENS, max_num_batched_tokens=32, enable_prefix_caching=False)
-    assert_matches(outputs, expected)
+    assert_exact_with_chunked_prefill(*reference, MAX_TOKENS, budget=32)
 
 
 def test_window_and_variant_settings_change_the_output(checkpoint_factory):

@@ -19,7 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from llmserve import LLM, SamplingParams
 from llmserve.kernels import ops
-from tests.engine.parity import assert_matches, run_llmserve
+from tests.engine.parity import (
+    assert_exact_under_preemption,
+    assert_exact_with_chunked_prefill,
+    assert_matches,
+    run_llmserve,
+)
 
 MAX_TOKENS = 8
 # Qwen3-MoE with a dense layer between sparse ones (mlp_only_layers); Mixtral as built.
@@ -71,17 +76,11 @@ def test_greedy_batch_matches_transformers(reference):
 
 
 def test_greedy_with_preemption_matches_transformers(reference):
-    path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, num_kv_blocks=12, block_size=16)
-    assert llm.stats()["num_preemptions"] > 0
-    assert_matches(outputs, expected)
-    assert llm.stats()["kv_blocks_free"] == 12
+    assert_exact_under_preemption(*reference, MAX_TOKENS, num_kv_blocks=12)
 
 
 def test_greedy_with_chunked_prefill_matches_transformers(reference):
-    path, prompts, expected = reference
-    _, outputs = run_llmserve(path, prompts, MAX_TOKENS, max_num_batched_tokens=24, enable_prefix_caching=False)
-    assert_matches(outputs, expected)
+    assert_exact_with_chunked_prefill(*reference, MAX_TOKENS, budget=24)
 
 
 def test_triton_kernel_matches_torch_path(reference, monkeypatch):

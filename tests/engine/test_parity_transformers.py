@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.engine.parity import assert_matches, hf_greedy, run_llmserve
+from tests.engine.parity import (
+    assert_exact_under_preemption,
+    assert_exact_with_chunked_prefill,
+    assert_matches,
+    hf_greedy,
+    run_llmserve,
+)
 
 MAX_TOKENS = 10
 ARCH_OVERRIDES = {
@@ -58,14 +64,8 @@ def test_greedy_batch_matches_transformers(reference):
 
 
 def test_greedy_with_preemption_matches_transformers(reference):
-    path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, num_kv_blocks=24, block_size=16)
-    assert llm.stats()["num_preemptions"] > 0
-    assert_matches(outputs, expected)
-    assert llm.stats()["kv_blocks_free"] == 24
+    assert_exact_under_preemption(*reference, MAX_TOKENS, num_kv_blocks=24)
 
 
 def test_greedy_with_chunked_prefill_matches_transformers(reference):
-    path, prompts, expected = reference
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, max_num_batched_tokens=24, enable_prefix_caching=False)
-    assert_matches(outputs, expected)
+    assert_exact_with_chunked_prefill(*reference, MAX_TOKENS, budget=24)

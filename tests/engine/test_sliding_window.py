@@ -13,7 +13,13 @@ from llmserve import SamplingParams
 from llmserve.attention.windows import kv_release_window, layer_sliding_windows
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.models.random_checkpoint import build_random_window_checkpoint
-from tests.engine.parity import assert_matches, hf_greedy, run_llmserve
+from tests.engine.parity import (
+    assert_exact_under_preemption,
+    assert_exact_with_chunked_prefill,
+    assert_matches,
+    hf_greedy,
+    run_llmserve,
+)
 from tests.engine.test_parity_transformers import MAX_TOKENS
 
 # name -> (architecture, overrides). Prompts run to 190 tokens: far past every window.
@@ -66,18 +72,12 @@ def test_greedy_matches_transformers(reference):
 
 def test_greedy_with_preemption_matches_transformers(reference):
     path, prompts, expected, name = reference
-    pool = PREEMPTING_POOL[name]
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, block_size=16, **pool)
-    assert llm.stats()["num_preemptions"] > 0
-    assert_matches(outputs, expected)
-    assert llm.stats()["kv_blocks_free"] == pool["num_kv_blocks"]
+    assert_exact_under_preemption(path, prompts, expected, MAX_TOKENS, **PREEMPTING_POOL[name])
 
 
 def test_greedy_with_chunked_prefill_matches_transformers(reference):
     path, prompts, expected, _ = reference
-    llm, outputs = run_llmserve(path, prompts, MAX_TOKENS, max_num_batched_tokens=24,
-                                enable_prefix_caching=False)
-    assert_matches(outputs, expected)
+    assert_exact_with_chunked_prefill(path, prompts, expected, MAX_TOKENS, budget=24)
 
 
 def test_layer_windows_follow_each_convention():
