@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import signal
 import time
 
@@ -20,19 +19,14 @@ from llmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from llmserve.engine.llm_engine import LLMEngine
 from llmserve.engine.model_runner import ModelRunner
 from llmserve.engine.worker import WorkerError
+from tests.engine.parity import prefix_prompts
 
 ENGINE_ARGS = dict(block_size=4, num_kv_blocks=96, max_num_batched_tokens=48, max_num_seqs=8)
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
     """Mixed lengths (chunked prefill at 48 tokens a step); half share a 20-token prefix."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(3, 500) for _ in range(20)]
-    out = []
-    for i, n in enumerate([1, 6, 13, 40, 70, 25]):
-        body = [rng.randrange(3, 500) for _ in range(n)]
-        out.append(prefix + body if i % 2 else body)
-    return out
+    return prefix_prompts([1, 6, 13, 40, 70, 25], 500, 20, seed)
 
 
 def generate(path: str, tp: int):

@@ -3,10 +3,27 @@ same settings, and the exactness check (same tokens, logprobs within 1e-4)."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import pytest
 import torch
 
 from llmserve import LLM, SamplingParams
+
+
+def prefix_prompts(lengths: Sequence[int], vocab: int, prefix_len: int,
+                   seed: int = 0) -> list[list[int]]:
+    """Token-id prompts with bodies of `lengths` (ids in [3, vocab), clear of the specials); every
+    other one (odd positions) starts with one shared `prefix_len`-token prefix, so prefix-cache
+    hits happen. The prefix is drawn first, then the bodies in order, from Random(seed)."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+    prompts = []
+    for i, length in enumerate(lengths):
+        body = [rng.randrange(3, vocab) for _ in range(length)]
+        prompts.append(prefix + body if i % 2 else body)
+    return prompts
 
 
 @torch.inference_mode()

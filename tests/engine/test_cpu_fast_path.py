@@ -3,8 +3,6 @@ fp32, switchable back to eager, and off where it does not apply (fp16/bf16)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,6 +11,7 @@ from llmserve import LLM, SamplingParams
 from llmserve.kernels import cpu_native
 from llmserve.models.cpu_fast_path import ENV_SWITCH, FusedCPUForward, optimize_for_cpu
 from tests.engine.parity import assert_matches, hf_greedy
+from tests.engine.test_parity_transformers import make_prompts
 
 pytestmark = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler")
 
@@ -31,13 +30,7 @@ ARCHS = {
 def prompts(vocab: int) -> list[list[int]]:
     """The prompts of test_parity_transformers: 18 of 1..190 tokens, half sharing a 40-token
     prefix (enough, with 24 blocks of 16, to force preemptions)."""
-    rng = random.Random(0)
-    prefix = [rng.randrange(3, vocab) for _ in range(40)]
-    out = []
-    for i, n in enumerate([1, 5, 17, 31, 32, 33, 48, 64, 90, 150, 7, 12, 45, 60, 80, 100, 3, 120]):
-        body = [rng.randrange(3, vocab) for _ in range(n)]
-        out.append(prefix + body if i % 2 else body)
-    return out
+    return make_prompts(vocab)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

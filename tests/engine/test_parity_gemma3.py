@@ -30,6 +30,7 @@ from tests.engine.parity import (
     assert_exact_with_chunked_prefill,
     assert_matches,
     hf_greedy,
+    prefix_prompts,
     run_llmserve,
 )
 
@@ -48,13 +49,7 @@ VARIANTS = {"default": {}, "windowed": WINDOWED}
 
 def make_prompts(seed: int = 0) -> list[list[int]]:
     """10 prompts of 1..88 tokens (ids clear of the specials); half share a 24-token prefix."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(3, 500) for _ in range(24)]
-    prompts = []
-    for i, length in enumerate([1, 5, 9, 17, 24, 31, 33, 48, 64, 7]):
-        body = [rng.randrange(3, 500) for _ in range(length)]
-        prompts.append(prefix + body if i % 2 else body)
-    return prompts
+    return prefix_prompts([1, 5, 9, 17, 24, 31, 33, 48, 64, 7], 500, 24, seed)
 
 
 def hf_model(path: str):

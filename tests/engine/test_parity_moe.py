@@ -8,7 +8,6 @@ and from a sharded checkpoint and from transformers' fused expert layout.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.engine.parity import (
     assert_exact_under_preemption,
     assert_exact_with_chunked_prefill,
     assert_matches,
+    prefix_prompts,
     run_llmserve,
 )
 
@@ -37,13 +37,7 @@ PREFIX = 32
 
 def make_prompts(vocab: int = 400, seed: int = 0) -> list[list[int]]:
     """8 prompts of 1..150 tokens; every other one starts with the same 32-token prefix."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(3, vocab) for _ in range(PREFIX)]
-    prompts = []
-    for i, length in enumerate([1, 17, 33, 64, 100, 150, 5, 45]):
-        body = [rng.randrange(3, vocab) for _ in range(length)]
-        prompts.append(prefix + body if i % 2 else body)
-    return prompts
+    return prefix_prompts([1, 17, 33, 64, 100, 150, 5, 45], vocab, PREFIX, seed)
 
 
 @torch.inference_mode()

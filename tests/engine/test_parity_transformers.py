@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,6 +11,7 @@ from tests.engine.parity import (
     assert_exact_with_chunked_prefill,
     assert_matches,
     hf_greedy,
+    prefix_prompts,
     run_llmserve,
 )
 
@@ -34,13 +33,8 @@ ARCH_OVERRIDES = {
 
 def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     """18 prompts of mixed lengths (1..190 tokens); half share a 40-token prefix."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(3, vocab) for _ in range(40)]
-    prompts = []
-    for i, length in enumerate([1, 5, 17, 31, 32, 33, 48, 64, 90, 150, 7, 12, 45, 60, 80, 100, 3, 120]):
-        body = [rng.randrange(3, vocab) for _ in range(length)]
-        prompts.append(prefix + body if i % 2 else body)
-    return prompts
+    lengths = [1, 5, 17, 31, 32, 33, 48, 64, 90, 150, 7, 12, 45, 60, 80, 100, 3, 120]
+    return prefix_prompts(lengths, vocab, 40, seed)
 
 
 @pytest.fixture(scope="module", params=list(ARCH_OVERRIDES))

@@ -3,8 +3,6 @@ max_window_layers) against transformers, and the KV blocks a long windowed reque
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,6 +16,7 @@ from tests.engine.parity import (
     assert_exact_with_chunked_prefill,
     assert_matches,
     hf_greedy,
+    prefix_prompts,
     run_llmserve,
 )
 from tests.engine.test_parity_transformers import MAX_TOKENS
@@ -41,13 +40,7 @@ PREEMPTING_POOL = {
 def make_prompts(vocab: int = 400, seed: int = 0) -> list[list[int]]:
     """9 prompts around and far past the windows (1..190 tokens); four share a 40-token prefix
     (so prefix hits include blocks that are behind the window)."""
-    rng = random.Random(seed)
-    prefix = [rng.randrange(3, vocab) for _ in range(40)]
-    prompts = []
-    for i, length in enumerate([1, 19, 23, 25, 33, 60, 100, 150, 7]):
-        body = [rng.randrange(3, vocab) for _ in range(length)]
-        prompts.append(prefix + body if i % 2 else body)
-    return prompts
+    return prefix_prompts([1, 19, 23, 25, 33, 60, 100, 150, 7], vocab, 40, seed)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
