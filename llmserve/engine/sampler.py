@@ -148,21 +148,16 @@ class Sampler:
 
         `masks` (from `llmserve.structured.grammar_masks`) restricts the constrained rows.
 
-        On CPU this runs on torch's threads as they are. It used to switch to one thread for
-        the call (on a loaded machine each small op as a parallel region seemed costly), but
-        switching right after the LM-head GEMM cost more than it saved: measured on 2 cores at
-        64 sequences, top-p/top-k sampling made 1,330 output tok/s with the switch and 1,760
-        without, and 254-1,038 against 1,850 with two busy processes beside it.
+        On CPU this runs on torch's threads as they are: switching to one thread right after
+        the LM-head GEMM cost more than it saved (measured on 2 cores at 64 sequences, top-p/
+        top-k sampling made 1,330 output tok/s with the switch and 1,760 without, and 254-1,038
+        against 1,850 with two busy processes beside it).
         """
         _check_inputs(logits, requests)
         if logits.device.type == "cuda":
             if self._staging is None:
                 self._staging = HostStaging(logits.device)
             self._staging.next_step()
-        return self._sample_batch(logits, requests, masks)
-
-    def _sample_batch(self, logits: torch.Tensor, requests: list[Request],
-                      masks: GrammarMasks | None = None) -> PendingSample:
         if not requests:
             empty = torch.empty(0, dtype=torch.long, device=logits.device)
             return PendingSample(empty, empty, [], [], self._staging)
