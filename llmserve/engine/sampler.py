@@ -22,6 +22,7 @@ from llmserve.engine.sampling_logprobs import logprob_parts, unpack_logprobs
 from llmserve.engine.sampling_penalties import TokenHistory, apply_penalties
 from llmserve.engine.sampling_tensors import SamplingTensors, stop_ids_to_block, to_device
 from llmserve.engine.sampling_truncation import apply_truncation, truncate
+from llmserve.kernels import cpu_fused
 from llmserve.outputs import Logprob
 
 if TYPE_CHECKING:
@@ -254,9 +255,15 @@ class Sampler:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (first index among equal maxima). On CPU max(dim) finds the same index
+    """Row-wise argmax (first index among equal maxima). On CPU, float32 logits go to the native
+    kernel (`cpu_fused.argmax_rows`, the same indices); otherwise max(dim) finds the same index
     2-3x faster than argmax (measured, torch 2.13)."""
-    return x.max(dim=-1).indices if x.device.type == "cpu" else x.argmax(dim=-1)
+    if x.device.type != "cpu":
+        return x.argmax(dim=-1)
+    if x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] \
+            and cpu_fused.load() is not None:
+        return cpu_fused.argmax_rows(x)
+    return x.max(dim=-1).indices
 
 
 def _plain_greedy(r: Request) -> bool:

@@ -1,5 +1,5 @@
 """Fused element-wise CPU ops (`cpu/fused_ops.c`): RMSNorm with residual add, q/k norm with
-rotary, SiLU-and-mul. fp32 only, built and cached like the native decode kernel
+rotary, SiLU-and-mul, row-wise argmax. fp32 only, built and cached like the native decode kernel
 (`llmserve.kernels.cpu_native`) and honouring the same LLMSERVE_NATIVE_KERNELS switch.
 
 Each op is one C call where eager torch runs several small ops; at decode sizes those ops cost
@@ -34,6 +34,8 @@ _SIGNATURES = {
     "llmserve_qk_norm_rope_f32": ([_P, _I, _I, _I, _I, _I, _P, _P, _F, _P, _I, _P], ctypes.c_int),
     # (out, x, x row stride, rows, d)
     "llmserve_silu_and_mul_f32": ([_P, _P, _I, _I, _I], None),
+    # (out int64, x, x row stride, rows, n)
+    "llmserve_argmax_rows_f32": ([_P, _P, _I, _I, _I], None),
 }
 
 
@@ -44,6 +46,7 @@ class FusedOps:
     add_rms_norm: Any
     qk_norm_rope: Any
     silu_and_mul: Any
+    argmax_rows: Any
 
 
 @functools.cache
@@ -159,4 +162,18 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if not out.is_contiguous() or out.shape != (rows, width // 2):
         raise ValueError(f"out must be contiguous [{rows}, {width // 2}]")
     _ops().silu_and_mul(out.data_ptr(), x.data_ptr(), x.stride(0), rows, width // 2)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of a [rows, n] float32 tensor as `torch.max(x, -1).indices` finds it
+    (the first of equal maxima; a NaN beats every number): one vectorised pass per row, where
+    torch's reduction took 0.6-1.6 ms for 64 rows of a 32k vocabulary (measured, 2 cores)."""
+    _check(x, "x", 2)
+    rows, n = x.shape
+    if n == 0 or n >= 2**31:
+        raise ValueError(f"argmax over rows of {n} values (need 1 to 2**31 - 1)")
+    out = torch.empty(rows, dtype=torch.int64)
+    if rows:
+        _ops().argmax_rows(out.data_ptr(), x.data_ptr(), x.stride(0), rows, n)
     return out

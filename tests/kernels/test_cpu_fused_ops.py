@@ -149,3 +149,33 @@ def test_native_kernels_switch_turns_the_fused_ops_off(monkeypatch):
         monkeypatch.delenv(cpu_native.ENV_SWITCH)
         cpu_fused.load.cache_clear()
     assert cpu_fused.load() is not None
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 15), (4, 16), (5, 17), (64, 32000), (2, 1000)])
+def test_argmax_rows_matches_torch_max_indices(rows, n):
+    # Lengths around the 16 lanes of the scan: fewer, exactly, one past; the last two are a
+    # vocabulary-sized call past the parallel threshold and a strided view of wider rows.
+    g = gen(5)
+    x = torch.randn(rows, n + 7, generator=g)[:, :n] if n == 1000 else torch.randn(rows, n, generator=g)
+    assert torch.equal(cpu_fused.argmax_rows(x), x.max(dim=-1).indices)
+
+
+def test_argmax_rows_takes_the_first_of_equal_maxima_and_the_first_nan():
+    x = torch.zeros(6, 40)
+    x[1, [3, 19, 35]] = 2.0  # equal maxima in different lanes: the first index wins
+    x[2, [20, 4]] = 1.0  # a later lane holds the earlier index
+    x[3, [17, 33]] = float("nan")  # NaN beats every number, the first one is taken
+    x[3, 5] = float("inf")
+    x[4] = float("-inf")  # all equal: index 0
+    x[5, 39] = 1.0  # the maximum in the scalar tail past the last full 16 lanes
+    got = cpu_fused.argmax_rows(x)
+    assert got.tolist() == [0, 3, 4, 17, 0, 39]
+    assert torch.equal(got, x.max(dim=-1).indices)
+
+
+def test_argmax_rows_refuses_empty_rows_and_other_dtypes():
+    with pytest.raises(ValueError, match="argmax over rows of 0"):
+        cpu_fused.argmax_rows(torch.zeros(2, 0))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_fused.argmax_rows(torch.zeros(2, 4, dtype=torch.float64))
+    assert cpu_fused.argmax_rows(torch.zeros(0, 4)).shape == (0,)

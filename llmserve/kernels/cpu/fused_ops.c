@@ -143,3 +143,65 @@ void llmserve_silu_and_mul_f32(float *out, const float *x, int64_t x_stride, int
             o[i] = gate[i] / (1.0f + exp_clamped(-gate[i])) * up[i];
     }
 }
+
+/* Lanes of the argmax scan: one AVX-512 register of floats, two of AVX2. */
+#define ARGMAX_LANES 16
+
+/* First index of the largest value of x[0..n), n >= 1, as torch.max(dim) finds it: among equal
+ * maxima the first, and a NaN counts as larger than everything (the first NaN wins). */
+static int64_t argmax_row(const float *restrict x, int64_t n)
+{
+    float best[ARGMAX_LANES];
+    int32_t at[ARGMAX_LANES];
+    int nan = 0;
+    int64_t i = 0;
+    if (n >= ARGMAX_LANES) {
+        for (int j = 0; j < ARGMAX_LANES; j++) {
+            best[j] = x[j];
+            at[j] = j;
+            nan |= x[j] != x[j];
+        }
+        /* Each lane keeps the first index of its own maximum (a strict > never moves it to a
+         * later equal value); lanes are merged below. */
+        for (i = ARGMAX_LANES; i + ARGMAX_LANES <= n; i += ARGMAX_LANES) {
+#pragma omp simd reduction(| : nan)
+            for (int j = 0; j < ARGMAX_LANES; j++) {
+                const float v = x[i + j];
+                const int gt = v > best[j];
+                best[j] = gt ? v : best[j];
+                at[j] = gt ? (int32_t)(i + j) : at[j];
+                nan |= v != v;
+            }
+        }
+    }
+    float m = 0.0f;
+    int64_t arg = -1;
+    if (i > 0)
+        for (int j = 0; j < ARGMAX_LANES; j++)
+            if (arg < 0 || best[j] > m || (best[j] == m && at[j] < arg)) {
+                m = best[j];
+                arg = at[j];
+            }
+    for (; i < n; i++) { /* the tail, in order: a later equal value never wins */
+        nan |= x[i] != x[i];
+        if (arg < 0 || x[i] > m) {
+            m = x[i];
+            arg = i;
+        }
+    }
+    if (nan)
+        for (int64_t k = 0; k < n; k++)
+            if (x[k] != x[k])
+                return k;
+    return arg;
+}
+
+/* out[r] = argmax of row r of x ([rows, n], row stride in floats), int64 as torch returns it.
+ * n must be below 2^31. Large calls split the rows over torch's OpenMP threads. */
+void llmserve_argmax_rows_f32(int64_t *out, const float *x, int64_t x_stride, int64_t rows,
+                              int64_t n)
+{
+#pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = argmax_row(x + r * x_stride, n);
+}
