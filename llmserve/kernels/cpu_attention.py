@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmserve.kernels import cpu_native
+from llmserve.kernels import cpu_native, cpu_prefill
 
 
 def prepare_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,8 +71,11 @@ class AttentionPlan:
     native: cpu_native.DecodeBatch | None = None
     window: int | None = None  # sliding window of every layer using this plan
     # (first row, end row) of fresh prefills (no cached context): they attend over their own
-    # new keys with a causal SDPA, without gathering or a mask.
+    # new keys (the native kernel of `cpu_prefill`, else a causal SDPA), without gathering or a
+    # mask.
     fresh: list[tuple[int, int]] = field(default_factory=list)
+    # (starts, lengths) of `fresh` for the native kernel, when it is asked for and loaded.
+    fresh_native: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def use_torch_for_decode(self) -> None:
         """Turn the native decode rows into a torch group, for a layer whose tensors the kernel
@@ -95,8 +98,9 @@ def plan_paged_attention(
 ) -> AttentionPlan:
     """Split a flat batch into decode rows (batched together) and multi-token sequences (padded).
 
-    `native` asks for the decode rows to go to the C kernel (`cpu_native`) when it is loaded and
-    the batch is on CPU; the default is the pure-torch path, the test oracle. `num_decodes`, when
+    `native` asks for the decode rows to go to the C kernel (`cpu_native`), and fresh prefills to
+    theirs (`cpu_prefill`), when they are loaded and the batch is on CPU; the default is the
+    pure-torch path, the test oracle. `num_decodes`, when
     the caller knows it, is how many leading sequences are single-token decodes. With
     `fresh_prefill`, sequences with no cached context go to `AttentionPlan.fresh` (the caller
     then passes the step's own k and v to `paged_attention_planned`). `window` makes every
@@ -123,6 +127,8 @@ def plan_paged_attention(
         if bool(fresh.any()):
             starts = query_start_loc[:-1][fresh].tolist()
             plan.fresh = [(a, a + n) for a, n in zip(starts, q_lens[fresh].tolist())]
+            if native and device.type == "cpu" and cpu_prefill.load() is not None:
+                plan.fresh_native = cpu_prefill.segments(plan.fresh)
             extend &= ~fresh
     extend_idx = torch.nonzero(extend).flatten()
     if decode_idx.numel():
@@ -263,8 +269,11 @@ def paged_attention_planned(
         if k is None or v is None:
             raise ValueError("a plan with fresh prefills needs the step's own k and v")
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        for start, end in plan.fresh:
-            out[start:end] = _attend_causal(q[start:end], k[start:end], v[start:end], scale)
+        if plan.fresh_native is not None and cpu_prefill.accepts(q, k, v):
+            cpu_prefill.causal_attention(out, q, k, v, *plan.fresh_native, scale)
+        else:
+            for start, end in plan.fresh:
+                out[start:end] = _attend_causal(q[start:end], k[start:end], v[start:end], scale)
         if plan.native is not None and cpu_native.accepts(q, k_cache, v_cache):
             cpu_native.paged_decode(out, q, k_cache, v_cache, plan.native, scale)
         elif plan.native is not None:

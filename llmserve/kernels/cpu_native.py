@@ -105,7 +105,9 @@ def build(directory: Path | None = None, source: Path | None = None,
     directory = directory or cache_dir()
     real = os.path.realpath(cc)
     stat = os.stat(real)
-    ident = (source.read_bytes(), real, stat.st_size, stat.st_mtime_ns, _machine_id())
+    # The headers next to the source are part of it (#include "..."): a change rebuilds.
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    ident = (source.read_bytes(), headers, real, stat.st_size, stat.st_mtime_ns, _machine_id())
     targets = []
     for flags in flag_sets:
         key = hashlib.sha256(repr((ident, flags)).encode()).hexdigest()[:20]

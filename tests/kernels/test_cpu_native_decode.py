@@ -57,9 +57,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 # (kv_heads, group, head_dim, block_size): group sizes 1/2/4, head_dim 32, 64 and 40 (not a power
-# of two), block sizes 8 and 16.
+# of two), block sizes 8 and 16, and 12 (runs of K rows that end inside a vector). Every (head_dim,
+# group) copy of the grouped kernel is here ((32|64|128, 1), (32|64, 2), (32, 4)), and cases it
+# does not take ((64, 4), head_dim 40) run the per-head one.
 CASES = [
     (2, 1, 32, 16), (2, 2, 32, 16), (1, 4, 64, 8), (2, 2, 40, 8), (4, 4, 40, 16), (2, 1, 64, 16),
+    (2, 4, 32, 16), (1, 4, 32, 12), (2, 2, 64, 8), (1, 1, 128, 16),
 ]
 
 

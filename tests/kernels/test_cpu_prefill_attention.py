@@ -1,0 +1,144 @@
+"""The native causal prefill attention (`llmserve.kernels.cpu_prefill`) against torch's SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.kernels import cpu_native, cpu_prefill, ref
+
+pytestmark = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    cpu_prefill.load.cache_clear()
+    if cpu_prefill.load() is None:  # with a compiler at hand, a failed build is a bug
+        pytest.fail("the prefill attention did not build (see the warning logged by cpu_prefill)")
+
+
+def _qkv(tokens: int, heads: int, kv_heads: int, dim: int, seed: int = 0):
+    """q, k, v as views of one fused [tokens, (heads + 2 kv_heads) * dim] buffer, as the model
+    hands them over (row stride wider than the heads)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+    q_end, k_end = heads * dim, (heads + kv_heads) * dim
+    return (qkv[:, :q_end].view(tokens, heads, dim), qkv[:, q_end:k_end].view(tokens, kv_heads, dim),
+            qkv[:, k_end:].view(tokens, kv_heads, dim))
+
+
+def _sdpa(q, k, v, scale):
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def _run(q, k, v, lens, first=1, scale=None):
+    """Sequences of `lens` back to back from row `first`; returns (out, starts)."""
+    starts = [first + sum(lens[:i]) for i in range(len(lens))]
+    out = torch.full_like(q, 7.0).contiguous()  # rows outside the sequences must stay 7
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    cpu_prefill.causal_attention(out, q, k, v, torch.tensor(starts), torch.tensor(lens), scale)
+    return out, starts
+
+
+# (heads, kv heads, head_dim, lengths): GQA groups 1, 4 and 8, head_dim 16/32/64/128; lengths of
+# one token, around the 16-token query blocks and the 32/64-key blocks, and several blocks long.
+CASES = [
+    (8, 2, 32, [1, 5, 16, 17, 100, 300]),
+    (4, 4, 64, [33, 64, 65]),
+    (8, 1, 128, [70]),
+    (6, 2, 16, [40, 3]),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,lens", CASES)
+def test_matches_causal_sdpa_per_sequence_and_leaves_other_rows(heads, kv_heads, dim, lens):
+    q, k, v = _qkv(sum(lens) + 2, heads, kv_heads, dim)
+    assert cpu_prefill.accepts(q, k, v)
+    out, starts = _run(q, k, v, lens, scale=0.3)
+    for a, n in zip(starts, lens):
+        # Float rounding of 128-deep dot products differs by a few 1e-6 from SDPA's order.
+        torch.testing.assert_close(out[a : a + n], _sdpa(q[a : a + n], k[a : a + n], v[a : a + n], 0.3),
+                                   rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[0], torch.full_like(out[0], 7.0))
+    assert torch.equal(out[-1], torch.full_like(out[-1], 7.0))
+
+
+def test_large_scores_do_not_overflow_and_every_thread_count_gives_the_same_bits():
+    q, k, v = _qkv(2 * 260, 8, 2, 32, seed=1)
+    q.mul_(30)  # scores in the hundreds: the online softmax must rescale, not overflow
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, starts = _run(q, k, v, [260, 259], first=0)
+        torch.set_num_threads(max(2, previous))
+        spread, _ = _run(q, k, v, [260, 259], first=0)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, spread)
+    assert torch.isfinite(one[:519]).all()
+    # Scores near 170 carry ~1e-5 of rounding into the weights: a looser bound than above.
+    torch.testing.assert_close(one[:260], _sdpa(q[:260], k[:260], v[:260], 32**-0.5),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_accepts_only_what_the_kernel_reads():
+    q, k, v = _qkv(4, 4, 2, 32)
+    assert cpu_prefill.accepts(q, k, v)
+    assert not cpu_prefill.accepts(q.double(), k.double(), v.double())
+    q40, k40, v40 = _qkv(4, 4, 2, 40)  # not a multiple of 16: SDPA keeps it
+    assert not cpu_prefill.accepts(q40, k40, v40)
+    assert not cpu_prefill.accepts(q.transpose(0, 1), k, v)  # heads not contiguous per token
+    q3, k3, v3 = _qkv(4, 3, 2, 32)  # 3 query heads do not group over 2 KV heads
+    assert not cpu_prefill.accepts(q3, k3, v3)
+
+
+def test_bad_segments_raise_instead_of_reading_past_the_rows():
+    q, k, v = _qkv(8, 4, 2, 32)
+    out = torch.empty_like(q).contiguous()
+    with pytest.raises(ValueError, match="past the 8 rows"):
+        cpu_prefill.causal_attention(out, q, k, v, torch.tensor([4]), torch.tensor([5]), 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_prefill.causal_attention(out, q, k, v, torch.tensor([0], dtype=torch.int32),
+                                     torch.tensor([2], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="sequence length"):
+        cpu_prefill.causal_attention(out, q, k, v, torch.tensor([3]), torch.tensor([-1]), 1.0)
+
+
+def test_plan_sends_fresh_prefills_to_the_kernel_and_matches_the_torch_plan():
+    heads, kv_heads, dim, block = 4, 2, 32, 4
+    q_lens, seq_lens = [1, 6, 3, 9], [5, 6, 8, 9]  # a decode, a fresh prefill, an extend, fresh
+    g = torch.Generator().manual_seed(3)
+    width = max(-(-s // block) for s in seq_lens)
+    k_cache = torch.randn(len(seq_lens) * width + 1, block, kv_heads, dim, generator=g)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.arange(1, len(seq_lens) * width + 1, dtype=torch.int32).view(len(seq_lens), width)
+    slots = torch.cat([tables[i].long().repeat_interleave(block)[s - n : s] * block
+                       + torch.arange(s - n, s) % block
+                       for i, (n, s) in enumerate(zip(q_lens, seq_lens))])
+    q, k, v = _qkv(sum(q_lens), heads, kv_heads, dim, seed=4)
+    ref.store_kvcache(k, v, k_cache, v_cache, slots)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    plan = ref.plan_paged_attention(cu, lens, tables, block, native=True, fresh_prefill=True)
+    assert plan.fresh == [(1, 7), (10, 19)] and plan.fresh_native is not None
+    got = ref.paged_attention_planned(q, k_cache, v_cache, plan, 0.2, k, v)
+    oracle = ref.paged_attention(q, k_cache, v_cache, cu, lens, tables, 0.2)  # padded torch path
+    torch.testing.assert_close(got, oracle, rtol=1e-5, atol=2e-6)
+
+
+def test_native_kernels_switch_keeps_fresh_prefills_on_sdpa(monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    cpu_prefill.load.cache_clear()
+    try:
+        assert cpu_prefill.load() is None
+        cu, lens = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+        plan = ref.plan_paged_attention(cu, lens, torch.zeros(1, 2, dtype=torch.int32), 4,
+                                        native=True, fresh_prefill=True)
+        assert plan.fresh == [(0, 5)] and plan.fresh_native is None
+    finally:
+        monkeypatch.delenv(cpu_native.ENV_SWITCH)
+        cpu_prefill.load.cache_clear()
