@@ -15,6 +15,7 @@ from torch import nn
 
 from llmserve.distributed.communication import all_reduce, gather_to_first_rank
 from llmserve.distributed.parallel_state import get_tp_rank, get_tp_world_size
+from llmserve.kernels import cpu_packed_gemm
 from llmserve.layers.linear import Loaded, loaded_shape, read_part
 
 
@@ -56,8 +57,15 @@ class ParallelLMHead(VocabParallelEmbedding):
     With tensor parallelism, ranks other than 0 return None: they only contribute their slice.
     """
 
+    # An MKL-packed copy of the weight for decode-sized calls on CPU, set by
+    # `llmserve.models.cpu_fast_path.pack_weights` (not a parameter: never saved or moved).
+    packed = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.tp_size == 1:
+            if self.packed is not None and hidden.shape[0] <= cpu_packed_gemm.MAX_ROWS \
+                    and hidden.dim() == 2 and hidden.dtype == torch.float32:
+                return self.packed(hidden)
             return F.linear(hidden, self.weight).float()
         logits = gather_to_first_rank(F.linear(hidden, self.weight))
         if logits is None:

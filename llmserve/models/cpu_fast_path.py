@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.kernels import cpu_fused
+from llmserve.kernels import cpu_fused, cpu_packed_gemm
+from llmserve.kernels.cpu_packed_gemm import PackedLinear
 
 logger = logging.getLogger(__name__)
+linear = cpu_packed_gemm.linear
 
 ENV_SWITCH = "LLMSERVE_CPU_FAST_PATH"
 
@@ -49,6 +51,11 @@ class _Layer:
     gate_up_b: torch.Tensor | None
     down_w: torch.Tensor
     down_b: torch.Tensor | None
+    # MKL-packed copies for decode-sized calls (`cpu_packed_gemm`), where the budget allowed.
+    qkv_p: PackedLinear | None = None
+    o_p: PackedLinear | None = None
+    gate_up_p: PackedLinear | None = None
+    down_p: PackedLinear | None = None
 
 
 class FusedCPUForward:
@@ -108,7 +115,7 @@ class FusedCPUForward:
         for layer in self.layers:
             h = self._norm(residual if hidden is None else hidden,
                            None if hidden is None else residual, layer.in_norm)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            qkv = linear(h, layer.qkv_w, layer.qkv_b, layer.qkv_p)
             status = ops.qk_norm_rope(
                 qkv.data_ptr(), qkv.stride(0), rows, heads, kv_heads, head_dim,
                 layer.q_norm.data_ptr() if layer.q_norm is not None else None,
@@ -118,11 +125,11 @@ class FusedCPUForward:
             if status:
                 raise IndexError(f"a position is beyond the rotary cache ({layer.cos_sin.shape[0]} rows)")
             attn = layer.attn(qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
-            h = self._norm(F.linear(attn, layer.o_w, layer.o_b), residual, layer.post_norm)
-            gate_up = F.linear(h, layer.gate_up_w, layer.gate_up_b)
+            h = self._norm(linear(attn, layer.o_w, layer.o_b, layer.o_p), residual, layer.post_norm)
+            gate_up = linear(h, layer.gate_up_w, layer.gate_up_b, layer.gate_up_p)
             act = torch.empty(rows, gate_up.shape[1] // 2, dtype=torch.float32)
             ops.silu_and_mul(act.data_ptr(), gate_up.data_ptr(), gate_up.stride(0), rows, act.shape[1])
-            hidden = F.linear(act, layer.down_w, layer.down_b)
+            hidden = linear(act, layer.down_w, layer.down_b, layer.down_p)
         return self._norm(hidden, residual, self.final_norm)
 
 
@@ -159,6 +166,8 @@ def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
     if inner is None:
         return False
     inner.fused_forward = None
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head.packed = None
     if eager or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     reason = fast_path_blocker(model)
@@ -167,4 +176,28 @@ def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
             logger.info("fused CPU forward off: %s", reason)
         return False
     inner.fused_forward = FusedCPUForward(inner, cpu_fused.load())
+    pack_weights(model, inner.fused_forward)
     return True
+
+
+def pack_weights(model: nn.Module, fused: FusedCPUForward) -> int:
+    """Give the LM head, then each layer's GEMMs (largest first), MKL-packed copies for decode
+    steps, within the LLMSERVE_CPU_PACKED_WEIGHTS_MB budget (`cpu_packed_gemm`). Returns the
+    number of weights packed."""
+    budget = cpu_packed_gemm.budget_bytes()
+    if not budget or not cpu_packed_gemm.available():
+        return 0
+    head = getattr(model, "lm_head", None)
+    slots: list[tuple[object, str, torch.Tensor, torch.Tensor | None]] = []
+    if head is not None and getattr(head, "tp_size", 1) == 1:
+        slots.append((head, "packed", head.weight, None))
+    for name in ("gate_up", "down", "qkv", "o"):
+        slots += [(layer, f"{name}_p", getattr(layer, f"{name}_w"), getattr(layer, f"{name}_b"))
+                  for layer in fused.layers]
+    chosen = cpu_packed_gemm.plan([w for _, _, w, _ in slots], budget)
+    for (owner, attr, weight, bias), pack in zip(slots, chosen):
+        if pack:
+            setattr(owner, attr, PackedLinear(weight, bias))
+    logger.info("packed %d of %d CPU weights for decode GEMMs (budget %d MiB)",
+                sum(chosen), len(slots), budget >> 20)
+    return sum(chosen)

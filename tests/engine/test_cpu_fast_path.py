@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmserve import LLM, SamplingParams
-from llmserve.kernels import cpu_native
+from llmserve.kernels import cpu_native, cpu_packed_gemm
 from llmserve.models.cpu_fast_path import ENV_SWITCH, FusedCPUForward, optimize_for_cpu
 from tests.engine.parity import assert_matches, hf_greedy
 from tests.engine.test_parity_transformers import make_prompts
@@ -113,3 +113,29 @@ def test_a_model_off_the_cpu_keeps_its_forward():
         model = Qwen3ForCausalLM(cfg)
     assert not optimize_for_cpu(model)
     assert model.model.fused_forward is None
+
+
+@pytest.mark.skipif(not cpu_packed_gemm.available(), reason="torch without MKL")
+def test_decode_gemms_use_packed_weights_within_the_budget(checkpoint_factory, monkeypatch):
+    """The LM head and every layer GEMM get MKL-packed copies by default (biases included:
+    Qwen2), the same tokens come out without them, and a zero budget or eager packs nothing."""
+    llm = fast_llm(checkpoint_factory("qwen2"))
+    model = llm.engine.runner.model
+    layers = model.model.fused_forward.layers
+    assert model.lm_head.packed is not None
+    assert all(x is not None for layer in layers
+               for x in (layer.qkv_p, layer.o_p, layer.gate_up_p, layer.down_p))
+    batch = prompts(vocab=400)[:6]
+    packed = generate(llm, batch)
+    assert not optimize_for_cpu(model, eager=True)
+    assert model.lm_head.packed is None
+    monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "0")
+    assert optimize_for_cpu(model)
+    assert model.lm_head.packed is None
+    assert all(layer.qkv_p is None for layer in model.model.fused_forward.layers)
+    plain = generate(llm, batch)
+    for a, b in zip(packed, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert la == pytest.approx(lb, abs=1e-5)

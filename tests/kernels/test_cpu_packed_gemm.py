@@ -1,0 +1,84 @@
+"""MKL-packed weights for decode GEMMs (`llmserve.kernels.cpu_packed_gemm`) against F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.kernels import cpu_packed_gemm
+from llmserve.kernels.cpu_packed_gemm import MAX_ROWS, PackedLinear
+
+pytestmark = pytest.mark.skipif(not cpu_packed_gemm.available(), reason="torch without MKL")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 37, 64, MAX_ROWS])
+@pytest.mark.parametrize("k", [256, 1024])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, k, with_bias):
+    g = gen(rows + k)
+    weight, x = torch.randn(300, k, generator=g), torch.randn(rows, k, generator=g)
+    bias = torch.randn(300, generator=g) if with_bias else None
+    packed = PackedLinear(weight, bias)
+    got = packed(x)
+    assert torch.equal(packed(x), got)  # a second call: nothing the first wrote leaks into it
+    assert got.shape == (rows, 300) and got.dtype == torch.float32 and got.is_contiguous()
+    # The packed path sums in MKL's own blocking (and one row is a GEMV for F.linear): equal to
+    # float rounding, which grows with the depth of the products (entries are ~sqrt(k) here).
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=4e-6 * k**0.5)
+
+
+def test_packed_linear_reads_strided_rows_and_keeps_its_own_copy():
+    g = gen(1)
+    weight = torch.randn(64, 32, generator=g)
+    packed = PackedLinear(weight)
+    wide = torch.randn(5, 48, generator=g)
+    x = wide[:, 8:40]  # row stride 48, not 32
+    want = F.linear(x, weight)
+    weight.zero_()  # the packed copy does not read the original again
+    torch.testing.assert_close(packed(x), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed(wide[:, 8:40:1].t().contiguous().t()), want, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_uses_the_packed_copy_only_up_to_max_rows():
+    g = gen(2)
+    weight = torch.randn(16, 8, generator=g)
+    packed = PackedLinear(torch.zeros(16, 8))  # deliberately not this weight's packing
+    small, large = torch.randn(MAX_ROWS, 8, generator=g), torch.randn(MAX_ROWS + 1, 8, generator=g)
+    assert torch.equal(cpu_packed_gemm.linear(small, weight, None, packed), torch.zeros(MAX_ROWS, 16))
+    assert torch.equal(cpu_packed_gemm.linear(large, weight, None, packed), F.linear(large, weight))
+    assert torch.equal(cpu_packed_gemm.linear(small, weight, None, None), F.linear(small, weight))
+
+
+def test_bad_weights_and_inputs_raise():
+    with pytest.raises(ValueError, match="float32"):
+        PackedLinear(torch.zeros(4, 4, dtype=torch.float64))
+    packed = PackedLinear(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="rows of 8"):
+        packed(torch.zeros(2, 7))
+
+
+def test_plan_packs_in_order_within_the_budget():
+    big, small = torch.zeros(4000, 256), torch.zeros(64, 64)
+    size_big, size_small = cpu_packed_gemm.packed_bytes(big), cpu_packed_gemm.packed_bytes(small)
+    assert cpu_packed_gemm.plan([big, small, small], size_big + size_small) == [True, True, False]
+    # The big one does not fit: skipped, and the smaller ones after it still may.
+    assert cpu_packed_gemm.plan([big, small, small], 2 * size_small) == [False, True, True]
+    assert cpu_packed_gemm.plan([big, small], 0) == [False, False]
+
+
+def test_budget_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(cpu_packed_gemm.BUDGET_ENV, raising=False)
+    assert cpu_packed_gemm.budget_bytes() == cpu_packed_gemm.DEFAULT_BUDGET_MB << 20
+    monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "0")
+    assert cpu_packed_gemm.budget_bytes() == 0
+    monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "1.5")
+    assert cpu_packed_gemm.budget_bytes() == 3 << 19
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match=cpu_packed_gemm.BUDGET_ENV):
+            cpu_packed_gemm.budget_bytes()
