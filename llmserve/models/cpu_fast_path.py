@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 linear = cpu_packed_gemm.linear
 
 ENV_SWITCH = "LLMSERVE_CPU_FAST_PATH"
+MLP_CHUNK_ROWS = 1024  # rows per slice of the MLP (see `FusedCPUForward._mlp`)
 
 
 @dataclass
@@ -101,6 +102,27 @@ class FusedCPUForward:
         )
         return out
 
+    def _mlp(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """down(SiLU(gate) * up) of [rows, hidden], in slices of MLP_CHUNK_ROWS rows: a prefill
+        step's gate/up output (64 MiB at 8,192 rows and width 2,048) then stays in cache
+        between the GEMM, the SiLU and the down GEMM. Measured on 2 cores: 55 -> 50 ms per
+        MLP alone; in the engine, prefill-heavy rounds of 1.89 -> 1.85 s (median of 6
+        interleaved pairs; slices of 2,048 rows gained half as much)."""
+        rows = h.shape[0]
+        if rows <= MLP_CHUNK_ROWS:
+            return self._mlp_rows(h, layer)
+        out = torch.empty(rows, layer.down_w.shape[0], dtype=torch.float32)
+        for start in range(0, rows, MLP_CHUNK_ROWS):
+            out[start : start + MLP_CHUNK_ROWS] = self._mlp_rows(h[start : start + MLP_CHUNK_ROWS], layer)
+        return out
+
+    def _mlp_rows(self, h: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        rows = h.shape[0]
+        gate_up = linear(h, layer.gate_up_w, layer.gate_up_b, layer.gate_up_p)
+        act = torch.empty(rows, gate_up.shape[1] // 2, dtype=torch.float32)
+        self.ops.silu_and_mul(act.data_ptr(), gate_up.data_ptr(), gate_up.stride(0), rows, act.shape[1])
+        return linear(act, layer.down_w, layer.down_b, layer.down_p)
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # F.embedding returns a new tensor: it becomes the residual stream, updated in place.
         residual = F.embedding(input_ids, self.embed_w)
@@ -126,10 +148,7 @@ class FusedCPUForward:
                 raise IndexError(f"a position is beyond the rotary cache ({layer.cos_sin.shape[0]} rows)")
             attn = layer.attn(qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
             h = self._norm(linear(attn, layer.o_w, layer.o_b, layer.o_p), residual, layer.post_norm)
-            gate_up = linear(h, layer.gate_up_w, layer.gate_up_b, layer.gate_up_p)
-            act = torch.empty(rows, gate_up.shape[1] // 2, dtype=torch.float32)
-            ops.silu_and_mul(act.data_ptr(), gate_up.data_ptr(), gate_up.stride(0), rows, act.shape[1])
-            hidden = linear(act, layer.down_w, layer.down_b, layer.down_p)
+            hidden = self._mlp(h, layer)
         return self._norm(hidden, residual, self.final_norm)
 
 

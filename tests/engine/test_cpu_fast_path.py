@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llmserve import LLM, SamplingParams
 from llmserve.kernels import cpu_native, cpu_packed_gemm
+from llmserve.models import cpu_fast_path
 from llmserve.models.cpu_fast_path import ENV_SWITCH, FusedCPUForward, optimize_for_cpu
 from tests.engine.parity import assert_matches, hf_greedy
 from tests.engine.test_parity_transformers import make_prompts
@@ -135,6 +136,21 @@ def test_decode_gemms_use_packed_weights_within_the_budget(checkpoint_factory, m
     assert all(layer.qkv_p is None for layer in model.model.fused_forward.layers)
     plain = generate(llm, batch)
     for a, b in zip(packed, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
+        lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
+        assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_mlp_in_row_slices_gives_the_same_tokens(checkpoint_factory, monkeypatch):
+    """Prefill steps longer than MLP_CHUNK_ROWS run the MLP slice by slice: with slices of 16
+    rows every prompt of the batch is split, and tokens and logprobs stay those of one slice."""
+    path = checkpoint_factory("qwen3", head_dim=32)
+    batch = prompts(vocab=400)
+    whole = generate(fast_llm(path), batch)
+    monkeypatch.setattr(cpu_fast_path, "MLP_CHUNK_ROWS", 16)
+    sliced = generate(fast_llm(path), batch)
+    for a, b in zip(whole, sliced):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
         lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
