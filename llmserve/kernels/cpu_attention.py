@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmserve.kernels import cpu_native, cpu_prefill
+from llmserve.kernels import cpu_fused, cpu_native, cpu_prefill
 
 
 def prepare_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -35,6 +35,8 @@ def store_kvcache_prepared(
     keep: torch.Tensor | None,
 ) -> None:
     """`store_kvcache` with the slots from `prepare_slots`."""
+    if keep is None and cpu_fused.load() is not None and cpu_fused.store_kv(k, v, k_cache, v_cache, slots):
+        return  # fp32 on CPU: one native call instead of two index_copy_
     if keep is not None:
         k, v = k[keep], v[keep]
     num_slots = k_cache.shape[0] * k_cache.shape[1]

@@ -1,5 +1,5 @@
 """Fused element-wise CPU ops (`cpu/fused_ops.c`): RMSNorm with residual add, q/k norm with
-rotary, SiLU-and-mul, row-wise argmax. fp32 only, built and cached like the native decode kernel
+rotary, SiLU-and-mul, row-wise argmax, the store of a step's K/V into the paged cache. fp32 only, built and cached like the native decode kernel
 (`llmserve.kernels.cpu_native`) and honouring the same LLMSERVE_NATIVE_KERNELS switch.
 
 Each op is one C call where eager torch runs several small ops; at decode sizes those ops cost
@@ -36,6 +36,8 @@ _SIGNATURES = {
     "llmserve_silu_and_mul_f32": ([_P, _P, _I, _I, _I], None),
     # (out int64, x, x row stride, rows, n)
     "llmserve_argmax_rows_f32": ([_P, _P, _I, _I, _I], None),
+    # (k cache, v cache, num slots, k, k row stride, v, v row stride, rows, width, slots) -> 0/-1
+    "llmserve_store_kv_f32": ([_P, _P, _I, _P, _I, _P, _I, _I, _I, _P], ctypes.c_int),
 }
 
 
@@ -47,6 +49,7 @@ class FusedOps:
     qk_norm_rope: Any
     silu_and_mul: Any
     argmax_rows: Any
+    store_kv: Any
 
 
 @functools.cache
@@ -177,3 +180,26 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if rows:
         _ops().argmax_rows(out.data_ptr(), x.data_ptr(), x.stride(0), rows, n)
     return out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """Write row r of k and v ([rows, kv_heads, head_dim], unit-stride heads) into slot slots[r]
+    (int64) of the paged caches, as `ref.store_kvcache`. Returns False, having written nothing,
+    when the tensors are not ones the kernel reads (the caller then uses torch); raises
+    IndexError for a slot outside the cache."""
+    if not (k.is_cpu and k_cache.is_cpu and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+            == torch.float32 and slots.dtype == torch.int64 and slots.is_contiguous()):
+        return False
+    if k.dim() != 3 or k.shape != v.shape or k_cache.shape != v_cache.shape:
+        return False
+    width = k.shape[1] * k.shape[2]
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == k.shape[1:]
+            and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == k.shape[2]
+            and slots.shape == (k.shape[0],)):
+        return False
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if _ops().store_kv(k_cache.data_ptr(), v_cache.data_ptr(), num_slots, k.data_ptr(), k.stride(0),
+                       v.data_ptr(), v.stride(0), k.shape[0], width, slots.data_ptr()):
+        raise IndexError(f"a slot is outside the paged cache of {num_slots} slots")
+    return True

@@ -179,3 +179,31 @@ def test_argmax_rows_refuses_empty_rows_and_other_dtypes():
     with pytest.raises(ValueError, match="float32"):
         cpu_fused.argmax_rows(torch.zeros(2, 4, dtype=torch.float64))
     assert cpu_fused.argmax_rows(torch.zeros(0, 4)).shape == (0,)
+
+
+def test_store_kv_writes_the_rows_index_copy_writes():
+    g = gen(6)
+    blocks, block, kv_heads, dim = 5, 4, 2, 8
+    qkv = torch.randn(6, 4 * dim + 2 * kv_heads * dim, generator=g)  # k, v as strided views
+    k = qkv[:, 4 * dim : (4 + kv_heads) * dim].view(6, kv_heads, dim)
+    v = qkv[:, (4 + kv_heads) * dim :].view(6, kv_heads, dim)
+    slots = torch.tensor([19, 0, 7, 8, 3, 12])
+    caches = [torch.randn(blocks, block, kv_heads, dim, generator=g) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    for cache, rows in zip(want, (k, v)):  # the torch way, by hand (ref uses the kernel now)
+        cache.view(-1, kv_heads, dim).index_copy_(0, slots, rows)
+    assert cpu_fused.store_kv(k, v, *caches, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+def test_store_kv_refuses_a_slot_outside_the_cache_before_writing():
+    k = v = torch.ones(2, 1, 4)
+    caches = [torch.zeros(2, 2, 1, 4) for _ in range(2)]
+    for bad in (4, -1):
+        with pytest.raises(IndexError, match="outside the paged cache of 4 slots"):
+            cpu_fused.store_kv(k, v, *caches, torch.tensor([1, bad]))
+        assert not caches[0].any() and not caches[1].any()  # the good row was not written either
+    # Tensors it does not read: the caller falls back to torch.
+    assert not cpu_fused.store_kv(k.double(), v.double(), *[c.double() for c in caches],
+                                  torch.tensor([0, 1]))
+    assert not cpu_fused.store_kv(k, v, *caches, torch.tensor([0, 1], dtype=torch.int32))

@@ -205,3 +205,21 @@ void llmserve_argmax_rows_f32(int64_t *out, const float *x, int64_t x_stride, in
     for (int64_t r = 0; r < rows; r++)
         out[r] = argmax_row(x + r * x_stride, n);
 }
+
+/* This step's keys and values into the paged cache: row r of k and v (each `width` floats =
+ * kv_heads * head_dim, row strides in floats) goes to slot slots[r] of k_cache and v_cache
+ * ([num_slots, width] contiguous). Returns 0, or -1 when a slot is outside the cache (then
+ * nothing is written). One call for what torch does in two index_copy_ calls per layer. */
+int llmserve_store_kv_f32(float *k_cache, float *v_cache, int64_t num_slots, const float *k,
+                          int64_t k_stride, const float *v, int64_t v_stride, int64_t rows,
+                          int64_t width, const int64_t *slots)
+{
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= num_slots)
+            return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(k_cache + slots[r] * width, k + r * k_stride, sizeof(float) * (size_t)width);
+        memcpy(v_cache + slots[r] * width, v + r * v_stride, sizeof(float) * (size_t)width);
+    }
+    return 0;
+}
