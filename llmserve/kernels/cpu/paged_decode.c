@@ -98,6 +98,49 @@ struct context {
     int64_t begin; /* first position attended: len - window under a sliding window, else 0 */
 };
 
+/* The tile of positions from `start` (at most TILE, up to the context's end) as runs of
+ * consecutive rows within a block: seg_base[i] is the first float of run i (this KV head's row)
+ * and seg_len[i] its length. Returns the tile's length, or -2 for a block id out of range. */
+static inline int64_t tile_segments(const struct context *c, int64_t start, int64_t D,
+                                    int64_t *seg_base, int64_t *seg_len, int64_t *nseg)
+{
+    int64_t n = 0;
+    for (*nseg = 0; n < TILE && start + n < c->len; n += seg_len[(*nseg)++]) {
+        const int64_t pos = start + n, offset = pos % c->block_size;
+        const int64_t block = table_entry(c->table, c->table_elem_size, pos / c->block_size);
+        if (block < 0 || block >= c->num_blocks)
+            return -2;
+        int64_t run = c->block_size - offset;
+        run = run < TILE - n ? run : TILE - n;
+        seg_len[*nseg] = run < c->len - pos ? run : c->len - pos;
+        seg_base[*nseg] = ((block * c->block_size + offset) * c->num_kv_heads + c->kv_head) * D;
+    }
+    return n;
+}
+
+/* Online-softmax step of one query head over a tile's n scores: s[0..n) becomes
+ * e^(s - m_new); the running maximum m and denominator l are updated. Returns the factor the
+ * head's accumulator must be scaled by (0 on the first tile, where m = -inf). */
+static inline float softmax_tile(float *restrict s, int64_t n, float *m, float *l)
+{
+    float tile_max = -INFINITY;
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t t = 0; t < n; t++) /* fmaxf would be a libm call */
+        tile_max = s[t] > tile_max ? s[t] : tile_max;
+    const float m_new = tile_max > *m ? tile_max : *m;
+    const float alpha = expf(*m - m_new);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; t++) {
+        const float e = exp_nonpositive(s[t] - m_new);
+        s[t] = e;
+        sum += e;
+    }
+    *l = *l * alpha + sum;
+    *m = m_new;
+    return alpha;
+}
+
 /* Softmax-weighted sum of the sequence's V rows for one KV head and its G query heads.
  * qs: [G, D] queries already multiplied by the scale; acc: [G, D] result (unnormalised);
  * l, m: [G] softmax denominators and running maxima; s: [G, TILE + VL] scratch. Returns 0, or
@@ -118,16 +161,9 @@ attend_kv_head(const struct context *c, const int64_t D, int64_t G, const float 
     int64_t seg_base[TILE], seg_len[TILE]; /* the tile's runs of consecutive rows */
     for (int64_t start = c->begin, n; start < c->len; start += n) {
         int64_t nseg = 0;
-        for (n = 0; n < TILE && start + n < c->len; n += seg_len[nseg++]) {
-            const int64_t pos = start + n, offset = pos % c->block_size;
-            const int64_t block = table_entry(c->table, c->table_elem_size, pos / c->block_size);
-            if (block < 0 || block >= c->num_blocks)
-                return -2;
-            int64_t run = c->block_size - offset;
-            run = run < TILE - n ? run : TILE - n;
-            seg_len[nseg] = run < c->len - pos ? run : c->len - pos;
-            seg_base[nseg] = ((block * c->block_size + offset) * c->num_kv_heads + c->kv_head) * D;
-        }
+        n = tile_segments(c, start, D, seg_base, seg_len, &nseg);
+        if (n < 0)
+            return -2;
         /* Query heads one after another over the same tile, which stays in L1. */
         for (int64_t g = 0; g < G; g++) {
             const float *qg = qs + g * D;
@@ -136,21 +172,7 @@ attend_kv_head(const struct context *c, const int64_t D, int64_t G, const float 
                 for (int64_t j = 0; j < seg_len[i]; j += VL) /* may write VL - 1 past the run */
                     vstore(sg + t + j, dot_rows(qg, c->k_cache + seg_base[i] + j * tok_stride,
                                                 tok_stride, seg_len[i] - j, D, DV));
-            float tile_max = -INFINITY;
-#pragma omp simd reduction(max : tile_max)
-            for (int64_t t = 0; t < n; t++) /* fmaxf would be a libm call */
-                tile_max = sg[t] > tile_max ? sg[t] : tile_max;
-            const float m_new = tile_max > m[g] ? tile_max : m[g];
-            const float alpha = expf(m[g] - m_new); /* 0 on the first tile (m = -inf) */
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; t++) {
-                const float e = exp_nonpositive(sg[t] - m_new);
-                sg[t] = e;
-                sum += e;
-            }
-            l[g] = l[g] * alpha + sum;
-            m[g] = m_new;
+            const float alpha = softmax_tile(sg, n, m + g, l + g);
             /* Up to NACC accumulator vectors stay in registers over the tile; wider rows take
              * several passes, and head_dim % VL leftovers a scalar one. */
             for (int64_t d0 = 0; d0 < DV; d0 += NACC * VL) {
@@ -219,16 +241,9 @@ attend_grouped(const struct context *c, const int64_t D, const int64_t G, const 
     int64_t seg_base[TILE], seg_len[TILE];
     for (int64_t start = c->begin, n; start < c->len; start += n) {
         int64_t nseg = 0;
-        for (n = 0; n < TILE && start + n < c->len; n += seg_len[nseg++]) {
-            const int64_t pos = start + n, offset = pos % c->block_size;
-            const int64_t block = table_entry(c->table, c->table_elem_size, pos / c->block_size);
-            if (block < 0 || block >= c->num_blocks)
-                return -2;
-            int64_t run = c->block_size - offset;
-            run = run < TILE - n ? run : TILE - n;
-            seg_len[nseg] = run < c->len - pos ? run : c->len - pos;
-            seg_base[nseg] = ((block * c->block_size + offset) * c->num_kv_heads + c->kv_head) * D;
-        }
+        n = tile_segments(c, start, D, seg_base, seg_len, &nseg);
+        if (n < 0)
+            return -2;
         for (int64_t g = 0; g < G; g++) {
             const float *qg = qs + g * D;
             float *sg = s + g * (TILE + VL);
@@ -241,21 +256,7 @@ attend_grouped(const struct context *c, const int64_t D, const int64_t G, const 
                     vstore(sg + t + j, dot_rows(qg, kr + j * tok_stride, tok_stride,
                                                 seg_len[i] - j, D, D));
             }
-            float tile_max = -INFINITY;
-#pragma omp simd reduction(max : tile_max)
-            for (int64_t t = 0; t < n; t++)
-                tile_max = sg[t] > tile_max ? sg[t] : tile_max;
-            const float m_new = tile_max > m[g] ? tile_max : m[g];
-            const float alpha = expf(m[g] - m_new);
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; t++) {
-                const float e = exp_nonpositive(sg[t] - m_new);
-                sg[t] = e;
-                sum += e;
-            }
-            l[g] = l[g] * alpha + sum;
-            m[g] = m_new;
+            const float alpha = softmax_tile(sg, n, m + g, l + g);
             for (int64_t k = 0; k < NV; k++)
                 acc[g * NV + k] *= alpha;
         }
