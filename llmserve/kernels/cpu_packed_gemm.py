@@ -133,7 +133,8 @@ class PackedLinear:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedLinear | None) -> torch.Tensor:
-    """The packed multiply for up to `MAX_ROWS` rows when there is a packed copy, else F.linear."""
-    if packed is not None and x.shape[0] <= MAX_ROWS:
+    """The packed multiply for up to `MAX_ROWS` float32 rows when there is a packed copy, else
+    F.linear."""
+    if packed is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32:
         return packed(x)
     return F.linear(x, weight, bias)

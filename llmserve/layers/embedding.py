@@ -63,10 +63,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.tp_size == 1:
-            if self.packed is not None and hidden.shape[0] <= cpu_packed_gemm.MAX_ROWS \
-                    and hidden.dim() == 2 and hidden.dtype == torch.float32:
-                return self.packed(hidden)
-            return F.linear(hidden, self.weight).float()
+            return cpu_packed_gemm.linear(hidden, self.weight, None, self.packed).float()
         logits = gather_to_first_rank(F.linear(hidden, self.weight))
         if logits is None:
             return None
