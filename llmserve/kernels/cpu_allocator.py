@@ -24,8 +24,9 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
 import platform
+
+from llmserve.kernels import cpu_native
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _INT_MAX = 2**31 - 1
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory in the process (once per process); returns whether the
     setting is in force."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if cpu_native.switched_off(ENV_SWITCH):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

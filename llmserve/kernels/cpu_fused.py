@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,6 @@ from typing import Any
 import torch
 
 from llmserve.kernels import cpu_native
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "fused_ops.c"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -58,23 +53,8 @@ def load() -> FusedOps | None:
 
     Cached for the process; tests call `load.cache_clear()` after changing the environment.
     """
-    if os.environ.get(cpu_native.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        logger.info("native CPU kernels disabled by %s; fused CPU ops off", cpu_native.ENV_SWITCH)
-        return None
-    if sys.platform not in ("linux", "darwin"):
-        logger.info("fused CPU ops are built on Linux and macOS only; using torch ops")
-        return None
-    try:
-        lib = cpu_native.open_library(SOURCE)
-        fns = []
-        for name, (argtypes, restype) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, restype
-            fns.append(fn)
-    except Exception as exc:  # any failure here must leave the caller on torch ops
-        logger.warning("fused CPU ops unavailable, using torch ops: %s", exc)
-        return None
-    return FusedOps(*fns)
+    fns = cpu_native.load_functions(SOURCE, _SIGNATURES, "fused CPU ops")
+    return FusedOps(*fns) if fns else None
 
 
 def _check(t: torch.Tensor, name: str, dims: int) -> None:

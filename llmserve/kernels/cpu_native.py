@@ -157,26 +157,45 @@ def open_library(source: Path | None = None) -> ctypes.CDLL:
     raise NativeUnavailable("; ".join(errors))
 
 
+def switched_off(name: str = ENV_SWITCH) -> bool:
+    """Whether the environment variable `name` (default LLMSERVE_NATIVE_KERNELS) turns its
+    feature off: 0, false, no or off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def load_functions(source: Path, signatures: dict[str, tuple[list[Any], Any]],
+                   what: str) -> list[Any] | None:
+    """The functions named in `signatures` (name -> (argtypes, restype)) from `source`'s library,
+    typed, in order; or None when the native kernels are switched off, not built on this OS, or
+    fail to build or load, with the reason logged (`what` names the kernels). Callers cache the
+    result, so each reason is logged once."""
+    if switched_off():
+        logger.info("%s disabled by %s; using torch", what, ENV_SWITCH)
+        return None
+    if sys.platform not in ("linux", "darwin"):
+        logger.info("%s: native CPU kernels are built on Linux and macOS only; using torch", what)
+        return None
+    try:
+        lib = open_library(source)
+        fns = []
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, restype
+            fns.append(fn)
+    except Exception as exc:  # any failure here must leave the caller on torch
+        logger.warning("%s unavailable, using torch: %s", what, exc)
+        return None
+    return fns
+
+
 @functools.cache
 def load() -> Any | None:
     """The ctypes function of the native decode kernel, or None (reason logged once).
 
     Cached for the process; tests call `load.cache_clear()` after changing the environment.
     """
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        logger.info("native CPU attention disabled by %s; using the torch path", ENV_SWITCH)
-        return None
-    if sys.platform not in ("linux", "darwin"):
-        logger.info("native CPU attention is built on Linux and macOS only; using the torch path")
-        return None
-    try:
-        fn = getattr(open_library(), _SYMBOL)
-    except Exception as exc:  # any failure here must leave the engine on the torch path
-        logger.warning("native CPU attention unavailable, using the torch path: %s", exc)
-        return None
-    fn.argtypes = _ARGTYPES
-    fn.restype = ctypes.c_int
-    return fn
+    fns = load_functions(SOURCE, {_SYMBOL: (_ARGTYPES, ctypes.c_int)}, "native CPU attention")
+    return fns[0] if fns else None
 
 
 @dataclass

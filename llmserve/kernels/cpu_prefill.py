@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmserve.kernels import cpu_native
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu") / "prefill_attention.c"
 _SYMBOL = "llmserve_causal_attention_f32"
@@ -41,19 +36,9 @@ def load() -> Any | None:
 
     Cached for the process; tests call `load.cache_clear()` after changing the environment.
     """
-    if os.environ.get(cpu_native.ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        logger.info("native CPU kernels disabled by %s; prefill attention on torch",
-                    cpu_native.ENV_SWITCH)
-        return None
-    if sys.platform not in ("linux", "darwin"):
-        return None
-    try:
-        fn = getattr(cpu_native.open_library(SOURCE), _SYMBOL)
-    except Exception as exc:  # any failure here must leave the caller on torch
-        logger.warning("native CPU prefill attention unavailable, using torch: %s", exc)
-        return None
-    fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    return fn
+    fns = cpu_native.load_functions(SOURCE, {_SYMBOL: (_ARGTYPES, ctypes.c_int)},
+                                    "native CPU prefill attention")
+    return fns[0] if fns else None
 
 
 def accepts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

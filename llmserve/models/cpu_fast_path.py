@@ -17,14 +17,13 @@ available through `eager=True` (the engine's `enforce_eager`) or LLMSERVE_CPU_FA
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.kernels import cpu_fused, cpu_packed_gemm
+from llmserve.kernels import cpu_fused, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_packed_gemm import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -187,7 +186,7 @@ def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
     inner.fused_forward = None
     if getattr(model, "lm_head", None) is not None:
         model.lm_head.packed = None
-    if eager or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if eager or cpu_native.switched_off(ENV_SWITCH):
         return False
     reason = fast_path_blocker(model)
     if reason is not None:
