@@ -1,4 +1,5 @@
-/* Shared by the attention kernels (paged_decode.c, prefill_attention.c). cpu_native.py puts
+/* Shared by the attention kernels (paged_decode.c, prefill_attention.c) and, for its
+ * constants and polynomial, the SiLU of fused_ops.c. cpu_native.py puts
  * every header of this folder into a library's cache key, so editing one rebuilds them. */
 #ifndef LLMSERVE_EXP_NONPOSITIVE_H
 #define LLMSERVE_EXP_NONPOSITIVE_H

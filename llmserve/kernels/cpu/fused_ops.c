@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "exp_nonpositive.h"
+
 /* Below this many elements a call stays on the calling thread (decode sizes): waking the other
  * threads costs microseconds, more than they would save. */
 #define PARALLEL_MIN_ELEMENTS 65536
@@ -107,17 +109,11 @@ int llmserve_qk_norm_rope_f32(float *qkv, int64_t row_stride, int64_t rows, int6
 static inline float exp_clamped(float x)
 {
     x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-    /* Adding 1.5 * 2^23 rounds x/ln2 to an integer n, which lands in the low mantissa bits. */
-    const float shifted = x * 1.44269504088896341f + 12582912.0f;
-    const float n = shifted - 12582912.0f;
-    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    /* The rounded n lands in the low mantissa bits of `shifted`. */
+    const float shifted = x * EXP_LOG2E + EXP_ROUND;
+    const float n = shifted - EXP_ROUND;
+    const float r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    const float p = EXP_POLY(r);
     /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field. */
     uint32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
