@@ -77,8 +77,9 @@ def causal_attention(
         raise RuntimeError("the native prefill attention is not available (see the logged reason)")
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != torch.float32:
         raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}")
-    if starts.dtype != torch.int64 or lens.dtype != torch.int64 or starts.shape != lens.shape:
-        raise ValueError("starts and lens must be int64 tensors of one shape")
+    if (starts.dtype != torch.int64 or lens.dtype != torch.int64 or starts.shape != lens.shape
+            or not starts.is_contiguous() or not lens.is_contiguous()):
+        raise ValueError("starts and lens must be contiguous int64 tensors of one shape")
     if len(lens) and (int(starts.min()) < 0 or int((starts + lens).max()) > q.shape[0]):
         raise ValueError(f"a sequence runs past the {q.shape[0]} rows of q")
     status = fn(

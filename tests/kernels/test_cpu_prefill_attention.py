@@ -104,6 +104,9 @@ def test_bad_segments_raise_instead_of_reading_past_the_rows():
     with pytest.raises(ValueError, match="int64"):
         cpu_prefill.causal_attention(out, q, k, v, torch.tensor([0], dtype=torch.int32),
                                      torch.tensor([2], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="contiguous int64"):  # read through a raw pointer
+        cpu_prefill.causal_attention(out, q, k, v, torch.tensor([0, 9, 4])[::2],
+                                     torch.tensor([2, 9, 3])[::2], 1.0)
     with pytest.raises(ValueError, match="sequence length"):
         cpu_prefill.causal_attention(out, q, k, v, torch.tensor([3]), torch.tensor([-1]), 1.0)
 
