@@ -34,9 +34,10 @@ from llmserve.engine.request import Request
 from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from llmserve.engine.sampling_logprobs import PendingPromptLogprobs, prompt_logprob_targets
 from llmserve.engine.scheduler import SchedulerOutput
+from llmserve.kernels import cpu_huge_pages
 from llmserve.kernels.cpu_allocator import keep_freed_memory
 from llmserve.layers.attention import Attention
-from llmserve.models.cpu_fast_path import optimize_for_cpu
+from llmserve.models.cpu_fast_path import long_lived_tensors, optimize_for_cpu
 from llmserve.models.loader import load_model
 from llmserve.structured.masks import start_grammar_masks
 
@@ -80,6 +81,8 @@ class ModelRunner:
         self.model = load_model(config.model.model, hf_config, self.dtype, self.device)
         # On CPU in fp32: the small ops between the matmuls as native kernels (a no-op elsewhere).
         optimize_for_cpu(self.model, eager=config.enforce_eager)
+        if self.device.type == "cpu":  # weights on huge pages (see cpu_huge_pages)
+            cpu_huge_pages.advise(long_lived_tensors(self.model))
         self.vocab_size = int(self.model.config["vocab_size"])
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_blocks = self._decide_num_blocks()
@@ -146,7 +149,11 @@ class ModelRunner:
     def _allocate_kv_cache(self, backend) -> None:
         layer = self.attn_layers[0]
         shape = (2, len(self.attn_layers), self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":  # advised while untouched: its pages fault in huge
+            self.kv_cache = cpu_huge_pages.advise_before_fill(torch.empty(shape, dtype=self.dtype))
+            self.kv_cache.zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.attn_layers):
             attn.k_cache = self.kv_cache[0, i]
             attn.v_cache = self.kv_cache[1, i]
@@ -186,13 +193,26 @@ class ModelRunner:
             return InFlightStep(sched, [], None, {}, prompt_lp)
         if not step.all_rows_sample_last_token:
             hidden = hidden.index_select(0, self.staging.put("sample_index", step.sample_token_index))
+        sampling = [] if sched is None else [sched.scheduled[i][0] for i in sched.sample_indices]
+        tokens = self._greedy_tokens(hidden, sampling, masks)
+        if tokens is not None:
+            return InFlightStep(sched, sampling, PendingSample(tokens, tokens, [], []),
+                                {r.request_id: j for j, r in enumerate(sampling)}, prompt_lp)
         logits = self.model.compute_logits(hidden)  # every rank: the LM head is sharded
         if sched is None or logits is None:  # a tensor-parallel worker
             return InFlightStep(sched, [], None, {})
-        sampling = [sched.scheduled[i][0] for i in sched.sample_indices]
         pending = self.sampler.sample(logits, sampling, masks.result() if masks else None)
         return InFlightStep(sched, sampling, pending,
                             {r.request_id: j for j, r in enumerate(sampling)}, prompt_lp)
+
+    def _greedy_tokens(self, hidden: torch.Tensor, sampling: list[Request],
+                       masks: object | None) -> torch.Tensor | None:
+        """The batch's tokens straight from the model when every row is plain greedy and the
+        model finds argmaxes without the full logits (CPU: `cpu_greedy`); else None."""
+        greedy = getattr(self.model, "greedy_tokens", None)
+        if greedy is None or self.tp_size > 1 or not self.sampler.plain_greedy(sampling, masks):
+            return None
+        return greedy(hidden)
 
     def _score_prompts(self, hidden: torch.Tensor, step: StepArrays,
                        sched: SchedulerOutput | None) -> PendingPromptLogprobs | None:

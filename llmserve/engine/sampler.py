@@ -182,6 +182,13 @@ class Sampler:
         return PendingSample(tokens, torch.cat(parts), st.logprob_rows, st.logprob_ks,
                              self._staging)
 
+    @staticmethod
+    def plain_greedy(requests: list[Request], masks: object | None = None) -> bool:
+        """Whether every row's token is the plain argmax of its raw logits: greedy, no
+        logprobs, penalties, logit bias, pending min_tokens or grammar (`masks` None)."""
+        return (masks is None and bool(requests) and all(_plain_greedy(r) for r in requests)
+                and not has_constraints(requests, None))
+
     def _choose(self, penalised: torch.Tensor, st: SamplingTensors,
                 masked: bool = False) -> torch.Tensor:
         """Greedy rows take the argmax; random rows are truncated and sampled.

@@ -110,9 +110,9 @@ class PackedLinear:
         weight = weight.contiguous()
         self.n, self.k = weight.shape
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self._buf = torch.empty(-(-packed_bytes(weight) // 4), dtype=torch.float32)
+        self.buffer = torch.empty(-(-packed_bytes(weight) // 4), dtype=torch.float32)
         lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, MAX_ROWS, self.n, self.k, 1.0,
-                             weight.data_ptr(), self.k, self._buf.data_ptr())
+                             weight.data_ptr(), self.k, self.buffer.data_ptr())
         self._compute = lib.cblas_sgemm_compute
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ class PackedLinear:
             beta = 1.0
         if rows:
             self._compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows, self.n, self.k, x.data_ptr(),
-                          x.stride(0), self._buf.data_ptr(), self.n, beta, out.data_ptr(), self.n)
+                          x.stride(0), self.buffer.data_ptr(), self.n, beta, out.data_ptr(), self.n)
         return out
 
 

@@ -60,6 +60,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     # An MKL-packed copy of the weight for decode-sized calls on CPU, set by
     # `llmserve.models.cpu_fast_path.pack_weights` (not a parameter: never saved or moved).
     packed = None
+    # Exact greedy tokens without the float32 logits (`llmserve.kernels.cpu_greedy.GreedyHead`),
+    # set by `llmserve.models.cpu_fast_path.optimize_for_cpu` where it applies.
+    greedy = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.tp_size == 1:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.kernels import cpu_fused, cpu_native, cpu_packed_gemm
+from llmserve.kernels import cpu_fused, cpu_greedy, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_packed_gemm import PackedLinear
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,22 @@ class FusedCPUForward:
         return self._norm(hidden, residual, self.final_norm)
 
 
+def long_lived_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and buffers, with the copies the fast path made of them (packed
+    GEMM weights, the greedy screen's bfloat16 LM head)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    head = getattr(model, "lm_head", None)
+    packed = [getattr(head, "packed", None)]
+    fused = getattr(getattr(model, "model", None), "fused_forward", None)
+    for layer in getattr(fused, "layers", []):
+        packed += [layer.qkv_p, layer.o_p, layer.gate_up_p, layer.down_p]
+    tensors += [p.buffer for p in packed if p is not None]
+    greedy = getattr(head, "greedy", None)
+    if greedy is not None:
+        tensors += [greedy.weight_bf16, greedy.wnorm]
+    return tensors
+
+
 def fast_path_blocker(model: nn.Module) -> str | None:
     """Why the fused forward cannot run this model (None when it can)."""
     inner = getattr(model, "model", None)
@@ -186,6 +202,7 @@ def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
     inner.fused_forward = None
     if getattr(model, "lm_head", None) is not None:
         model.lm_head.packed = None
+        model.lm_head.greedy = None
     if eager or cpu_native.switched_off(ENV_SWITCH):
         return False
     reason = fast_path_blocker(model)
@@ -195,7 +212,25 @@ def optimize_for_cpu(model: nn.Module, eager: bool = False) -> bool:
         return False
     inner.fused_forward = FusedCPUForward(inner, cpu_fused.load())
     pack_weights(model, inner.fused_forward)
+    add_greedy_head(model)
     return True
+
+
+def add_greedy_head(model: nn.Module) -> bool:
+    """Give the LM head a `cpu_greedy.GreedyHead` (exact greedy tokens from a bfloat16 GEMM)
+    where this CPU multiplies bfloat16 natively; return whether it has one."""
+    head = getattr(model, "lm_head", None)
+    if head is None or getattr(head, "tp_size", 1) != 1:
+        return False
+    reason = cpu_greedy.blocker(head.weight)
+    if reason is None:
+        try:
+            head.greedy = cpu_greedy.GreedyHead(head.weight, head)
+        except ValueError as exc:
+            reason = str(exc)
+    if reason is not None:
+        logger.info("greedy screen off: %s", reason)
+    return head.greedy is not None
 
 
 def pack_weights(model: nn.Module, fused: FusedCPUForward) -> int:

@@ -180,3 +180,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             return logits
         cap = self.final_logit_softcapping
         return torch.tanh(logits / cap) * cap
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """None: the soft-capped logits are sampled from compute_logits (tanh can round
+        near-equal logits to equal ones, where the first of them wins)."""
+        return None

@@ -169,3 +169,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than 0 (only rank 0 samples)."""
         return self.lm_head(hidden)
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of `compute_logits(hidden)` per row (int64) when the LM head can find it
+        without computing every logit (CPU, `cpu_greedy`); None when it cannot."""
+        greedy = self.lm_head.greedy
+        return None if greedy is None else greedy(hidden)
