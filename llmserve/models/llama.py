@@ -172,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The argmax of `compute_logits(hidden)` per row (int64) when the LM head can find it
-        without computing every logit (CPU, `cpu_greedy`); None when it cannot."""
+        faster without computing every logit (CPU, `cpu_greedy`); None otherwise."""
         greedy = self.lm_head.greedy
-        return None if greedy is None else greedy(hidden)
+        if greedy is None or hidden.shape[0] < greedy.min_rows:
+            return None
+        return greedy(hidden)
