@@ -12,7 +12,6 @@ import threading
 
 import llguidance as llg
 import torch
-from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
 from llmserve.structured.backend import CompiledGrammar, GrammarBackend, GrammarMatcher
 from llmserve.structured.spec import GrammarSpec
@@ -30,6 +29,32 @@ JSON_DEFAULTS = {
     "whitespace_flexible": True,
     "whitespace_pattern": r"[\x20\x0A\x0D\x09]" + f"{{0,{MAX_JSON_WHITESPACE}}}",
 }
+
+
+def fill_next_token_bitmask(matcher: llg.LLMatcher, bitmask: torch.Tensor, row: int) -> None:
+    """Row `row` of a contiguous int32 CPU bitmask from `matcher`, as llguidance.torch's function
+    of that name does. That module is not imported: it applies torch.compile at import, which
+    pulls in torch's dynamo and inductor, measured at 3-9 s of engine start-up on 2 cores."""
+    _check_bitmask(bitmask)
+    v = bitmask[row]
+    matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
+
+
+def fill_next_token_bitmask_par(executor: llg.LLExecutor, pairs: list[tuple[llg.LLMatcher, int]],
+                                bitmask: torch.Tensor) -> None:
+    """The rows of many (matcher, row) pairs on llguidance's thread pool, as llguidance.torch's
+    function of that name does (see `fill_next_token_bitmask`)."""
+    _check_bitmask(bitmask)
+    batch, words = bitmask.shape
+    executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, batch)
+
+
+def _check_bitmask(bitmask: torch.Tensor) -> None:
+    # The Rust side writes through the raw pointer: anything else would be memory corruption.
+    if not (bitmask.dtype == torch.int32 and bitmask.is_cpu and bitmask.dim() == 2
+            and bitmask.is_contiguous()):
+        raise ValueError(f"a grammar bitmask must be a contiguous 2-d int32 CPU tensor, got "
+                         f"{tuple(bitmask.shape)} {bitmask.dtype} on {bitmask.device}")
 
 
 def grammar_text(spec: GrammarSpec) -> str:
