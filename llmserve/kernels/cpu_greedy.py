@@ -58,6 +58,7 @@ MAX_CANDIDATES = 128  # more than this many possible winners: the row takes the 
 # measured with cold caches, [rows x 256] x [256 x 32000]: 1.15 against 1.21 ms at 1 row, 1.44
 # against 1.27 at 4, 1.30 against 1.99 at 8, 2.14 against 5.97 at 64).
 MIN_ROWS = 8
+MAX_VOCAB = 4096 * 256  # the C scan's per-thread block array (MAX_VOCAB in greedy_screen.c)
 
 
 def error_factor(dim: int) -> float:
@@ -91,6 +92,8 @@ def blocker(weight: torch.Tensor) -> str | None:
         return "the LM head is not a 2-d float32 CPU weight"
     if not weight.shape[0] or not weight.shape[1]:
         return "the LM head is empty"
+    if weight.shape[0] > MAX_VOCAB:
+        return f"a vocabulary of {weight.shape[0]} rows is above the screen's {MAX_VOCAB}"
     if not native_bf16():
         return "the CPU has no native bfloat16 multiply (AMX or AVX512-BF16)"
     if load() is None:

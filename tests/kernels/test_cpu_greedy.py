@@ -153,6 +153,8 @@ def test_bad_weights_and_inputs_raise():
         GreedyHead(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), lambda h: h)
     with pytest.raises(ValueError, match="float32"):
         GreedyHead(torch.zeros(4, 4, dtype=torch.float64), lambda h: h)
+    with pytest.raises(ValueError, match="vocabulary"):
+        GreedyHead(torch.zeros(cpu_greedy.MAX_VOCAB + 1, 1), lambda h: h)
     head = GreedyHead(torch.ones(4, 8), lambda h: h)
     with pytest.raises(ValueError, match="rows of 8"):
         head(torch.zeros(2, 7))
