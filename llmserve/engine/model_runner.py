@@ -196,12 +196,12 @@ class ModelRunner:
         sampling = [] if sched is None else [sched.scheduled[i][0] for i in sched.sample_indices]
         tokens = self._greedy_tokens(hidden, sampling, masks)
         if tokens is not None:
-            return InFlightStep(sched, sampling, PendingSample(tokens, tokens, [], []),
-                                {r.request_id: j for j, r in enumerate(sampling)}, prompt_lp)
-        logits = self.model.compute_logits(hidden)  # every rank: the LM head is sharded
-        if sched is None or logits is None:  # a tensor-parallel worker
-            return InFlightStep(sched, [], None, {})
-        pending = self.sampler.sample(logits, sampling, masks.result() if masks else None)
+            pending = PendingSample(tokens, tokens, [], [])
+        else:
+            logits = self.model.compute_logits(hidden)  # every rank: the LM head is sharded
+            if sched is None or logits is None:  # a tensor-parallel worker
+                return InFlightStep(sched, [], None, {})
+            pending = self.sampler.sample(logits, sampling, masks.result() if masks else None)
         return InFlightStep(sched, sampling, pending,
                             {r.request_id: j for j, r in enumerate(sampling)}, prompt_lp)
 

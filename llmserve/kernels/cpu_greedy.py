@@ -156,7 +156,5 @@ class GreedyHead:
         if undecided:
             rows_left = (out < 0).nonzero().flatten()
             logits = self.full_logits(hidden.index_select(0, rows_left)).float().contiguous()
-            best = (cpu_fused.argmax_rows(logits) if cpu_fused.load() is not None
-                    else logits.max(dim=-1).indices)
-            out.index_copy_(0, rows_left, best)
+            out.index_copy_(0, rows_left, cpu_fused.row_argmax(logits))
         return out

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 linear = cpu_packed_gemm.linear
 
 ENV_SWITCH = "LLMSERVE_CPU_FAST_PATH"
+# The layer GEMMs with MKL-packed copies (`_Layer.<name>_p`), largest first (`pack_weights`).
+PACKED_GEMMS = ("gate_up", "down", "qkv", "o")
 MLP_CHUNK_ROWS = 1024  # rows per slice of the MLP (see `FusedCPUForward._mlp`)
 
 
@@ -159,7 +161,7 @@ def long_lived_tensors(model: nn.Module) -> list[torch.Tensor]:
     packed = [getattr(head, "packed", None)]
     fused = getattr(getattr(model, "model", None), "fused_forward", None)
     for layer in getattr(fused, "layers", []):
-        packed += [layer.qkv_p, layer.o_p, layer.gate_up_p, layer.down_p]
+        packed += [getattr(layer, f"{name}_p") for name in PACKED_GEMMS]
     tensors += [p.buffer for p in packed if p is not None]
     greedy = getattr(head, "greedy", None)
     if greedy is not None:
@@ -244,7 +246,7 @@ def pack_weights(model: nn.Module, fused: FusedCPUForward) -> int:
     slots: list[tuple[object, str, torch.Tensor, torch.Tensor | None]] = []
     if head is not None and getattr(head, "tp_size", 1) == 1:
         slots.append((head, "packed", head.weight, None))
-    for name in ("gate_up", "down", "qkv", "o"):
+    for name in PACKED_GEMMS:
         slots += [(layer, f"{name}_p", getattr(layer, f"{name}_w"), getattr(layer, f"{name}_b"))
                   for layer in fused.layers]
     chosen = cpu_packed_gemm.plan([w for _, _, w, _ in slots], budget)
