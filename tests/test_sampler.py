@@ -200,6 +200,22 @@ def test_penalties_change_logits_exactly_as_defined():
     assert got[0, 1].item() == pytest.approx(-2.0)
 
 
+@pytest.mark.parametrize("penalty", [7.2e-180, 1e-30, 1e-45])
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite(penalty):
+    """Any positive penalty is accepted; one below float32's range made 0 in the sampler used
+    to divide the positive logits of repeated tokens by zero (inf, then a NaN softmax that
+    sampled token id == vocab) and to turn blocked tokens into NaN."""
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, 1.0]])
+    req = make_req(prompt=[0, 1], output=[2], repetition_penalty=penalty, temperature=1.0,
+                   logit_bias={3: -100}, logprobs=1)
+    got = apply_penalties(logits, [req])
+    assert not got.isnan().any() and got[0, [0, 2]].isfinite().all()
+    assert got[0, 1].item() <= 0.0 and got[0, 4].item() == 1.0
+    for _ in range(20):  # only the two boosted tokens (0 and 2) can come out
+        out = Sampler()(logits, [req])
+        assert out.token_ids[0] in (0, 2)
+
+
 def test_penalties_do_not_mutate_input_logits():
     logits = torch.randn(1, 10)
     before = logits.clone()

@@ -30,6 +30,23 @@ class AttentionMetadata:
     num_decode_tokens: int = 0  # leading rows that are single-token decodes (0 if unknown)
     # Per-step scratch for backends: layer-independent work done by the first layer and reused.
     backend_cache: dict = field(default_factory=dict)
+    # The rows whose final hidden states the step reads (see OutputRows); None = every row.
+    output_rows: OutputRows | None = None
+
+
+@dataclass(frozen=True)
+class OutputRows:
+    """The rows of a step whose final hidden states anyone reads: the LM head's rows.
+
+    Set by the model runner only for models that declare `prunes_output_rows`; such a model then
+    returns the hidden states of these rows only, in this order, and may skip work that no other
+    row needs (the last layer's attention and MLP of every other row). Each row is the last query
+    token of its sequence in the step, so its attention is a decode over the sequence's whole
+    context.
+    """
+
+    tokens: torch.Tensor  # [n] int64: flat token index of each row
+    seqs: torch.Tensor  # [n] int64: the sequence (batch row) each belongs to
 
 
 _current: AttentionMetadata | None = None

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmserve.attention.backends import get_attention_backend
-from llmserve.attention.metadata import AttentionMetadata, forward_context
+from llmserve.attention.metadata import AttentionMetadata, OutputRows, forward_context
 from llmserve.attention.windows import kv_release_window
 from llmserve.config import EngineConfig
 from llmserve.distributed.communication import all_reduce_min
@@ -32,7 +32,11 @@ from llmserve.engine.host_staging import HostStaging
 from llmserve.engine.input_batch import InputBatch, StepArrays
 from llmserve.engine.request import Request
 from llmserve.engine.sampler import PendingSample, Sampler, SamplerOutput
-from llmserve.engine.sampling_logprobs import PendingPromptLogprobs, prompt_logprob_targets
+from llmserve.engine.sampling_logprobs import (
+    PendingPromptLogprobs,
+    PromptLogprobSpan,
+    prompt_logprob_targets,
+)
 from llmserve.engine.scheduler import SchedulerOutput
 from llmserve.kernels import cpu_huge_pages
 from llmserve.kernels.cpu_allocator import keep_freed_memory
@@ -42,6 +46,8 @@ from llmserve.models.loader import load_model
 from llmserve.structured.masks import start_grammar_masks
 
 logger = logging.getLogger(__name__)
+# prompt_logprob_targets' result: (token rows, prompt tokens they score, spans).
+PromptRows = tuple[list[int], list[int], list[PromptLogprobSpan]]
 
 
 @dataclass
@@ -183,15 +189,18 @@ class ModelRunner:
         # Grammar masks are filled on the host (a worker thread) while the model runs.
         masks = None if sched is None else start_grammar_masks(
             [sched.scheduled[i][0] for i in sched.sample_indices], self.device)
+        prompt_rows = None if sched is None or self.tp_size > 1 else prompt_logprob_targets(
+            sched.scheduled, sched.starts, step.query_start_loc)
         if self.graphs is not None and self.graphs.can_run(meta, step.batch_size):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
+            meta.output_rows = self._output_rows(step, prompt_rows)
             with forward_context(meta):
                 hidden = self.model(input_ids, positions)
-        prompt_lp = self._score_prompts(hidden, step, sched)
+        prompt_lp = self._score_prompts(hidden, prompt_rows)
         if not len(step.sample_rows):
             return InFlightStep(sched, [], None, {}, prompt_lp)
-        if not step.all_rows_sample_last_token:
+        if not step.all_rows_sample_last_token and meta.output_rows is None:
             hidden = hidden.index_select(0, self.staging.put("sample_index", step.sample_token_index))
         sampling = [] if sched is None else [sched.scheduled[i][0] for i in sched.sample_indices]
         tokens = self._greedy_tokens(hidden, sampling, masks)
@@ -214,17 +223,25 @@ class ModelRunner:
             return None
         return greedy(hidden)
 
-    def _score_prompts(self, hidden: torch.Tensor, step: StepArrays,
-                       sched: SchedulerOutput | None) -> PendingPromptLogprobs | None:
+    def _output_rows(self, step: StepArrays, prompt_rows: PromptRows | None
+                     ) -> OutputRows | None:
+        """The sampled rows, for a model that can skip the rest of its last layer; None when
+        every row's hidden state is read anyway (all decodes, or prompt logprobs to score)."""
+        if (not getattr(self.model, "prunes_output_rows", False) or self.tp_size > 1
+                or step.all_rows_sample_last_token or (prompt_rows and prompt_rows[0])):
+            return None
+        put = self.staging.put
+        return OutputRows(put("output_tokens", step.sample_token_index),
+                          put("output_seqs", step.sample_rows))
+
+    def _score_prompts(self, hidden: torch.Tensor, prompt_rows: PromptRows | None
+                       ) -> PendingPromptLogprobs | None:
         """Logprobs of the prompt tokens in this step, for the requests that ask for them.
         (The engine refuses prompt_logprobs under tensor parallelism: the sharded LM head
         would need every rank to score the same rows.)"""
-        if sched is None or self.tp_size > 1:
+        if not prompt_rows or not prompt_rows[0]:
             return None
-        rows, targets, spans = prompt_logprob_targets(sched.scheduled, sched.starts,
-                                                      step.query_start_loc)
-        if not rows:
-            return None
+        rows, targets, spans = prompt_rows
         return PendingPromptLogprobs(hidden, self.model.compute_logits, self.vocab_size, rows,
                                      targets, spans)
 

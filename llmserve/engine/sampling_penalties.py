@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from llmserve.engine.request import Request
 
 _NEG_INF = float("-inf")
+_F32 = torch.finfo(torch.float32)
 
 
 class _Row:
@@ -96,8 +97,11 @@ def apply_penalties(
     at = row * vocab + tok
     flat = out.view(-1)
     v = flat.gather(0, at)
-    r = st.repetition.gather(0, row)
-    v = torch.where(v > 0, v / r, v * r)  # a repetition penalty of 1 changes nothing
+    # The API takes any positive penalty: one below float32's range must not become 0 (a
+    # division by zero, and -inf * 0 = NaN for a blocked token), and a huge quotient stays
+    # finite, so the favoured tokens tie at float32's maximum instead of the row turning NaN.
+    r = st.repetition.gather(0, row).clamp_min(_F32.tiny)
+    v = torch.where(v > 0, (v / r).clamp_max(_F32.max), v * r)  # a penalty of 1 changes nothing
     if pf:
         _, p_slot, p_tok = index[:, n_touched:]
         counts = torch.zeros(len(pen_rows) * vocab, device=device)

@@ -78,6 +78,17 @@ class AttentionPlan:
     fresh: list[tuple[int, int]] = field(default_factory=list)
     # (starts, lengths) of `fresh` for the native kernel, when it is asked for and loaded.
     fresh_native: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Prefill chunks over cached context for the native kernel (`cpu_prefill`), when it is asked
+    # for and loaded (full attention only); they are then not in `groups`.
+    chunks: cpu_prefill.PagedChunks | None = None
+
+    def use_torch_for_chunks(self) -> None:
+        """Turn the native prefill chunks into a torch group (see `use_torch_for_decode`)."""
+        if self.chunks is not None:
+            c, self.chunks = self.chunks, None
+            first_rows = torch.cat([c.starts, c.starts.new_zeros(1)])
+            self.groups.append(_extend_group(first_rows, c.ctx + c.lens, c.lens, c.tables,
+                                             torch.arange(len(c.lens)), self.block_size, None))
 
     def use_torch_for_decode(self) -> None:
         """Turn the native decode rows into a torch group, for a layer whose tensors the kernel
@@ -100,8 +111,9 @@ def plan_paged_attention(
 ) -> AttentionPlan:
     """Split a flat batch into decode rows (batched together) and multi-token sequences (padded).
 
-    `native` asks for the decode rows to go to the C kernel (`cpu_native`), and fresh prefills to
-    theirs (`cpu_prefill`), when they are loaded and the batch is on CPU; the default is the
+    `native` asks for the decode rows to go to the C kernel (`cpu_native`), and fresh prefills
+    and (full attention only) prefill chunks over cached context to theirs (`cpu_prefill`), when
+    they are loaded and the batch is on CPU; the default is the
     pure-torch path, the test oracle. `num_decodes`, when
     the caller knows it, is how many leading sequences are single-token decodes. With
     `fresh_prefill`, sequences with no cached context go to `AttentionPlan.fresh` (the caller
@@ -141,8 +153,14 @@ def plan_paged_attention(
         else:
             plan.groups.append(_decode_group(rows, tables, lens, block_size, window))
     if extend_idx.numel():
-        plan.groups.append(_extend_group(
-            query_start_loc, seq_lens, q_lens, block_tables, extend_idx, block_size, window))
+        if (native and window is None and device.type == "cpu"
+                and cpu_prefill.load() is not None):
+            plan.chunks = cpu_prefill.chunks(
+                query_start_loc[:-1][extend_idx], q_lens[extend_idx],
+                (seq_lens - q_lens)[extend_idx], block_tables[extend_idx])
+        else:
+            plan.groups.append(_extend_group(
+                query_start_loc, seq_lens, q_lens, block_tables, extend_idx, block_size, window))
     return plan
 
 
@@ -267,15 +285,20 @@ def paged_attention_planned(
 
     `k` and `v` (this step's new keys and values, row-aligned with `q`) are needed when the
     plan has fresh prefills."""
-    if plan.fresh:
-        if k is None or v is None:
-            raise ValueError("a plan with fresh prefills needs the step's own k and v")
+    if plan.fresh or plan.chunks is not None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        if plan.fresh_native is not None and cpu_prefill.accepts(q, k, v):
-            cpu_prefill.causal_attention(out, q, k, v, *plan.fresh_native, scale)
-        else:
-            for start, end in plan.fresh:
-                out[start:end] = _attend_causal(q[start:end], k[start:end], v[start:end], scale)
+        if plan.fresh:
+            if k is None or v is None:
+                raise ValueError("a plan with fresh prefills needs the step's own k and v")
+            if plan.fresh_native is not None and cpu_prefill.accepts(q, k, v):
+                cpu_prefill.causal_attention(out, q, k, v, *plan.fresh_native, scale)
+            else:
+                for start, end in plan.fresh:
+                    out[start:end] = _attend_causal(q[start:end], k[start:end], v[start:end], scale)
+        if plan.chunks is not None and cpu_prefill.accepts_paged(q, k_cache, v_cache):
+            cpu_prefill.paged_prefill_attention(out, q, k_cache, v_cache, plan.chunks, scale)
+        elif plan.chunks is not None:
+            plan.use_torch_for_chunks()
         if plan.native is not None and cpu_native.accepts(q, k_cache, v_cache):
             cpu_native.paged_decode(out, q, k_cache, v_cache, plan.native, scale)
         elif plan.native is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmserve.attention.backends import AttentionFn, torch_attention
-from llmserve.attention.metadata import get_attention_metadata
+from llmserve.attention.backends import AttentionFn, torch_attention, torch_attention_rows
+from llmserve.attention.metadata import OutputRows, get_attention_metadata
 
 
 class Attention(nn.Module):
@@ -52,4 +52,17 @@ class Attention(nn.Module):
         else:
             out = self.backend(
                 q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def forward_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: OutputRows
+                     ) -> torch.Tensor:
+        """`forward` for the query rows `rows` only: every row's k and v are stored, `q` holds
+        all rows, and the result has one row per entry of `rows` ([n, heads * head_dim])."""
+        if self.backend is not torch_attention:  # another backend: attend for all, keep some
+            return self.forward(q, k, v).index_select(0, rows.tokens)
+        q = q.index_select(0, rows.tokens).view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = torch_attention_rows(q, k, v, self.k_cache, self.v_cache, get_attention_metadata(),
+                                   self.scale, self.sliding_window, rows)
         return out.reshape(-1, self.num_heads * self.head_dim)

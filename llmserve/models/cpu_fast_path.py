@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmserve.attention.metadata import get_attention_metadata
 from llmserve.kernels import cpu_fused, cpu_greedy, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_packed_gemm import PackedLinear
 
@@ -125,17 +126,23 @@ class FusedCPUForward:
         return linear(act, layer.down_w, layer.down_b, layer.down_p)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of every row, or of the step's `AttentionMetadata.output_rows`
+        only when the runner set them: then the last layer stores every row's k and v but runs
+        attention, o_proj and the MLP for those rows alone (a prefill step samples one row per
+        sequence, so that is most of the last layer's work)."""
         # F.embedding returns a new tensor: it becomes the residual stream, updated in place.
         residual = F.embedding(input_ids, self.embed_w)
         rows = residual.shape[0]
         # Held in a local for the whole forward: the kernels read it through a raw pointer.
         pos = (positions if positions.dtype == torch.int64 else positions.long()).contiguous()
         pos_ptr = pos.data_ptr()
+        output_rows = get_attention_metadata().output_rows
+        last = len(self.layers) - 1
         hidden = None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         ops = self.ops
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             h = self._norm(residual if hidden is None else hidden,
                            None if hidden is None else residual, layer.in_norm)
             qkv = linear(h, layer.qkv_w, layer.qkv_b, layer.qkv_p)
@@ -147,7 +154,12 @@ class FusedCPUForward:
             )
             if status:
                 raise IndexError(f"a position is beyond the rotary cache ({layer.cos_sin.shape[0]} rows)")
-            attn = layer.attn(qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:])
+            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
+            if index == last and output_rows is not None:
+                attn = layer.attn.forward_rows(q, k, v, output_rows)
+                residual = residual.index_select(0, output_rows.tokens)
+            else:
+                attn = layer.attn(q, k, v)
             h = self._norm(linear(attn, layer.o_w, layer.o_b, layer.o_p), residual, layer.post_norm)
             hidden = self._mlp(h, layer)
         return self._norm(hidden, residual, self.final_norm)

@@ -166,6 +166,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    @property
+    def prunes_output_rows(self) -> bool:
+        """Whether `forward` honours `AttentionMetadata.output_rows` (the fused CPU forward)."""
+        return getattr(self.model, "fused_forward", None) is not None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Float32 logits; None on tensor-parallel ranks other than 0 (only rank 0 samples)."""
         return self.lm_head(hidden)

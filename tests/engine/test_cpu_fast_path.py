@@ -155,3 +155,64 @@ def test_mlp_in_row_slices_gives_the_same_tokens(checkpoint_factory, monkeypatch
         la = [lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids)]
         lb = [lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids)]
         assert la == pytest.approx(lb, abs=1e-5)
+
+
+@pytest.mark.parametrize("engine_args", [{}, {"max_num_batched_tokens": 24}],
+                         ids=["whole-prompts", "chunked"])
+def test_last_layer_runs_only_the_sampled_rows(checkpoint_factory, monkeypatch, engine_args):
+    """Prefill steps hand the model their sampled rows (`OutputRows`): the last layer attends,
+    projects and runs its MLP for those rows only, and they come out as the same rows of the
+    whole forward would. Each pruned step is checked here against that whole forward (run again
+    on the same inputs: storing the same k and v twice changes nothing). Chunked prompts give
+    steps with decode rows, chunks over cached context and chunks that sample nothing."""
+    from llmserve.attention.metadata import get_attention_metadata
+
+    checked, sizes = [], []
+    whole_forward = FusedCPUForward.__call__
+
+    def checking_forward(self, input_ids, positions):
+        meta = get_attention_metadata()
+        rows = meta.output_rows
+        out = whole_forward(self, input_ids, positions)
+        if rows is not None:
+            meta.output_rows = None
+            full = whole_forward(self, input_ids, positions)
+            meta.output_rows = rows
+            assert out.shape == (len(rows.tokens), full.shape[1])
+            torch.testing.assert_close(out, full[rows.tokens], rtol=1e-4, atol=1e-5)
+            checked.append(len(rows.tokens))
+            sizes.append(len(input_ids))
+        return out
+
+    monkeypatch.setattr(FusedCPUForward, "__call__", checking_forward)
+    path = checkpoint_factory("qwen3", head_dim=32)
+    llm = fast_llm(path, **engine_args)
+    batch = prompts(vocab=400)
+    outputs = generate(llm, batch)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_TOKENS] * len(batch)
+    assert checked and all(n < size for n, size in zip(checked, sizes))
+    if engine_args:  # one long prompt alone: its first chunks sample nothing
+        checked.clear()
+        generate(llm, [list(range(3, 103))])
+        assert checked[:4] == [0, 0, 0, 0]
+
+
+def test_prompt_logprobs_and_pure_decode_steps_keep_every_row(checkpoint_factory, monkeypatch):
+    """Steps that score prompt tokens read every row's hidden state, and all-decode steps
+    sample every row: the runner sets no output rows for them."""
+    from llmserve.attention.metadata import get_attention_metadata
+
+    seen = []
+    whole_forward = FusedCPUForward.__call__
+
+    def spying_forward(self, input_ids, positions):
+        seen.append((len(input_ids), get_attention_metadata().output_rows))
+        return whole_forward(self, input_ids, positions)
+
+    monkeypatch.setattr(FusedCPUForward, "__call__", spying_forward)
+    llm = fast_llm(checkpoint_factory("qwen3", head_dim=32))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)
+    out = llm.generate([{"prompt_token_ids": list(range(5, 40))}], params, use_tqdm=False)
+    assert len(out[0].prompt_logprobs) == 35
+    assert seen[0] == (35, None)  # the prefill, scored
+    assert all(n == 1 and rows is None for n, rows in seen[1:])  # decodes

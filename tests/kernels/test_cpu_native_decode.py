@@ -13,7 +13,7 @@ import torch
 
 from llmserve.attention.backends import torch_attention
 from llmserve.attention.metadata import AttentionMetadata
-from llmserve.kernels import cpu_native, ref
+from llmserve.kernels import cpu_native, cpu_prefill, ref
 
 F32 = torch.float32
 needs_compiler = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler")
@@ -37,10 +37,13 @@ def native():
 
 @pytest.fixture
 def fresh_load():
-    """`load()` re-evaluated under the test's environment, and again afterwards."""
+    """`load()` (and the prefill kernels' `load()`, whose chunks a plan may use) re-evaluated
+    under the test's environment, and again afterwards."""
     cpu_native.load.cache_clear()
+    cpu_prefill.load.cache_clear()
     yield
     cpu_native.load.cache_clear()
+    cpu_prefill.load.cache_clear()
 
 
 def _both(batch, q=None, tables=None):
@@ -114,7 +117,7 @@ def test_torch_backend_uses_the_kernel(native, paged_batch):
     )
     new_kv = torch.zeros(n, 2, 32)
     out = torch_attention(batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, meta, batch.scale)
-    assert meta.backend_cache["torch"][1].native is not None
+    assert meta.backend_cache["torch"].native is not None
     _close(out, _both(batch)[1])
 
 
@@ -128,7 +131,7 @@ def test_all_decode_step_skips_the_index_arithmetic_and_matches_torch(native, pa
     )
     new_kv = torch.zeros(n, 2, 32)
     out = torch_attention(batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, meta, batch.scale)
-    plan = meta.backend_cache["torch"][1]
+    plan = meta.backend_cache["torch"]
     assert plan.native is not None and not plan.groups
     _close(out, _both(batch)[1])
 

@@ -85,6 +85,21 @@ def test_large_scores_do_not_overflow_and_every_thread_count_gives_the_same_bits
                                rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("rise", [3.0, 7.9, 8.1, 60.0])
+def test_scores_rising_over_later_key_blocks_match_sdpa(rise):
+    """Every query's scores rise by `rise` over the keys, so its maximum is in its last key
+    block: a rise under the kernel's lazy margin (8) keeps the first block's running maximum,
+    one above it makes later blocks raise it (and rescale what was summed)."""
+    tokens, dim = 200, 32
+    q, k, v = _qkv(tokens, 4, 1, dim, seed=2)
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=torch.Generator().manual_seed(9)), dim=0)
+    q.copy_(direction.expand_as(q))  # every query along one direction, unit length
+    k.copy_(direction * torch.linspace(0, rise, tokens)[:, None, None] + 0.01 * k)
+    out, starts = _run(q, k, v, [tokens], first=0, scale=1.0)
+    torch.testing.assert_close(out[:tokens], _sdpa(q[:tokens], k[:tokens], v[:tokens], 1.0),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_accepts_only_what_the_kernel_reads():
     q, k, v = _qkv(4, 4, 2, 32)
     assert cpu_prefill.accepts(q, k, v)
@@ -128,9 +143,101 @@ def test_plan_sends_fresh_prefills_to_the_kernel_and_matches_the_torch_plan():
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     plan = ref.plan_paged_attention(cu, lens, tables, block, native=True, fresh_prefill=True)
     assert plan.fresh == [(1, 7), (10, 19)] and plan.fresh_native is not None
+    assert plan.chunks is not None and plan.chunks.starts.tolist() == [7]  # the extend
+    assert all(g.pad_index is None for g in plan.groups)  # no padded torch group left
     got = ref.paged_attention_planned(q, k_cache, v_cache, plan, 0.2, k, v)
     oracle = ref.paged_attention(q, k_cache, v_cache, cu, lens, tables, 0.2)  # padded torch path
     torch.testing.assert_close(got, oracle, rtol=1e-5, atol=2e-6)
+    plan.use_torch_for_chunks()  # what a layer whose tensors the kernel refuses gets
+    assert plan.chunks is None
+    torch.testing.assert_close(ref.paged_attention_planned(q, k_cache, v_cache, plan, 0.2, k, v),
+                               oracle, rtol=1e-5, atol=2e-6)
+
+
+def _paged_case(heads, kv_heads, dim, block, ctx, lens, seed=0):
+    """Chunks of `lens` rows after `ctx` cached positions, their blocks scattered over a cache:
+    (q, k_cache, v_cache, query_start_loc, seq_lens, tables), q rows from row 1 (row 0 and the
+    last row belong to no chunk)."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [c + n for c, n in zip(ctx, lens)]
+    width = max(-(-s // block) for s in seq_lens) + 1  # one spare column: never read
+    blocks = torch.randperm(len(lens) * width + 3, generator=g)[: len(lens) * width]
+    tables = blocks.view(len(lens), width).to(torch.int32)
+    k_cache = torch.randn(len(lens) * width + 3, block, kv_heads, dim, generator=g)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(sum(lens) + 2, heads, dim, generator=g)
+    cu = torch.tensor([1, *(1 + torch.tensor(lens).cumsum(0)).tolist()], dtype=torch.int32)
+    return q, k_cache, v_cache, cu, torch.tensor(seq_lens, dtype=torch.int32), tables
+
+
+# (heads, kv heads, head_dim, block size, cached context, chunk rows): contexts of none, one
+# token, around a block and the 64-key blocks and several of them; chunks of one row and around
+# the 16-token query blocks.
+PAGED_CASES = [
+    (8, 2, 32, 16, [0, 1, 15, 16, 17, 63, 64, 300], [5, 16, 17, 1, 40, 2, 64, 33]),
+    (4, 4, 64, 4, [7, 100], [9, 70]),
+    (8, 1, 128, 16, [200], [20]),
+    (6, 2, 16, 12, [30, 5], [3, 50]),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim,block,ctx,lens", PAGED_CASES)
+def test_paged_chunks_match_the_padded_torch_path(heads, kv_heads, dim, block, ctx, lens):
+    q, k_cache, v_cache, cu, seq_lens, tables = _paged_case(heads, kv_heads, dim, block, ctx, lens)
+    assert cpu_prefill.accepts_paged(q, k_cache, v_cache)
+    out = torch.full_like(q, 7.0)
+    starts = cu[:-1].long()
+    batch = cpu_prefill.chunks(starts, torch.tensor(lens), torch.tensor(ctx), tables)
+    cpu_prefill.paged_prefill_attention(out, q, k_cache, v_cache, batch, 0.3)
+    # The padded torch oracle attends from row 0: give it the chunk rows only.
+    rows = q[1:-1]
+    oracle = ref.paged_attention(rows, k_cache, v_cache, cu - 1, seq_lens, tables, 0.3)
+    torch.testing.assert_close(out[1:-1], oracle, rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[0], torch.full_like(out[0], 7.0))
+    assert torch.equal(out[-1], torch.full_like(out[-1], 7.0))
+
+
+def test_paged_chunks_give_the_same_bits_on_every_thread_count():
+    q, k_cache, v_cache, cu, _, tables = _paged_case(8, 2, 32, 16, [90, 0, 33], [70, 40, 65], 5)
+    batch = cpu_prefill.chunks(cu[:-1], torch.tensor([70, 40, 65]), torch.tensor([90, 0, 33]),
+                               tables)
+    previous = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, max(2, previous)):
+            torch.set_num_threads(threads)
+            out = torch.zeros_like(q)
+            cpu_prefill.paged_prefill_attention(out, q, k_cache, v_cache, batch, 0.2)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(*outs)
+
+
+def test_paged_chunks_refuse_blocks_outside_the_cache():
+    q, k_cache, v_cache, cu, _, tables = _paged_case(4, 2, 32, 4, [6], [3])
+    out = torch.empty_like(q)
+
+    def run(ctx, lens, tables):
+        batch = cpu_prefill.chunks(cu[:-1], torch.tensor(lens), torch.tensor(ctx), tables)
+        cpu_prefill.paged_prefill_attention(out, q, k_cache, v_cache, batch, 1.0)
+
+    bad = tables.clone()
+    bad[0, 1] = k_cache.shape[0]  # read: positions 4..7
+    with pytest.raises(ValueError, match="outside the cache"):
+        run([6], [3], bad)
+    bad[0, 1] = -1
+    with pytest.raises(ValueError, match="outside the cache"):
+        run([6], [3], bad)
+    unread = tables.clone()
+    unread[0, -1] = -1  # past the chunk's blocks: never read, so accepted
+    run([6], [3], unread)
+    with pytest.raises(ValueError, match="past its block-table row"):
+        run([6 + 4 * tables.shape[1]], [3], tables)
+    with pytest.raises(ValueError, match="negative"):
+        run([-1], [3], tables)
+    assert not cpu_prefill.accepts_paged(q, k_cache.double(), v_cache.double())
+    assert not cpu_prefill.accepts_paged(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
 
 
 def test_native_kernels_switch_keeps_fresh_prefills_on_sdpa(monkeypatch):

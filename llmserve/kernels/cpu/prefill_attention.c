@@ -1,18 +1,24 @@
-/* Causal self-attention of fresh prefills on CPU, fp32: each sequence's queries over its own new
- * keys (no cached context), flash-style (online softmax over blocks of keys), GQA. It replaces
- * torch's SDPA for these rows: at head_dim 32 on 2 cores (8 sequences of 1,024 tokens) it ran
- * at 111-120 GFLOP/s against SDPA's 79-100, whose tiles are small GEMM calls with 32-deep
- * products.
+/* Causal self-attention of prefills on CPU, fp32, flash-style (online softmax over blocks of
+ * keys), GQA. Fresh prefills (no cached context) attend over their own new keys, read straight
+ * from the step's qkv rows (`llmserve_causal_attention_f32`); prefill chunks after cached context
+ * (a prompt split over steps, or after a prefix-cache hit) attend over the paged cache
+ * (`llmserve_paged_prefill_attention_f32`). It replaces torch's SDPA for these rows (and the
+ * padded gather + mask that chunks needed): at head_dim 32 on 2 cores (4 sequences of 800-1,024
+ * tokens) it runs at ~160 GFLOP/s, against SDPA's 79-100, whose tiles are small GEMM calls with
+ * 32-deep products.
  *
  * Layouts (rows of the step's fused qkv output, see llmserve/kernels/cpu_prefill.py):
  *   q:      token t, head j at q + t * q_row_stride + j * D
  *   k, v:   token t, KV head h at k + t * kv_row_stride + h * D
  *   out:    [tokens, num_heads, D] contiguous
  *   starts, lens: [num_seqs]: sequence i is tokens starts[i] .. starts[i] + lens[i]
+ *   paged: k, v caches [blocks][block_size][KVH][D]; tables[i]: sequence i's block ids; its
+ *          queries are at positions ctx[i] .. ctx[i] + lens[i] - 1
  * Query head j uses KV head j / G (G = num_heads / num_kv_heads). Position p of a sequence
  * attends to its positions 0..p.
  *
- * How: K of each (sequence, KV head) is first transposed into [D][keys], so that a block of
+ * How: K of each (sequence, KV head) is first transposed into [D][keys] (and, for paged keys,
+ * V copied into [keys][D] rows), so that a block of
  * scores is an outer-product sum over d (a broadcast query element times a vector of keys), with
  * no horizontal sums. Work items are (sequence, KV head, block of BQ query tokens), spread over
  * torch's OpenMP threads; each item is computed by one thread, so results do not depend on the
@@ -25,6 +31,10 @@
 #include <string.h>
 
 #include "exp_nonpositive.h"
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 /* One AVX-512 register of floats where there is one, else 8 floats (AVX, or two NEON
  * registers). Unlike the decode kernel, this GEMM-like one gains from the width: 58-66 against
@@ -59,7 +69,8 @@ static inline vec vselect(ivec mask, vec a, vec b)
     return (vec)(((uvec)a & (uvec)mask) | ((uvec)b & ~(uvec)mask));
 }
 
-/* `exp_nonpositive` on a whole vector. */
+/* `exp_nonpositive` on a whole vector; also exact for the x <= LAZY_MARGIN of `softmax_row`
+ * (the reduction takes any x up to ~88). */
 static inline vec vexp_nonpositive(vec x)
 {
     const vec lo = (vec){0} - 87.0f;
@@ -76,23 +87,48 @@ struct job {
     float *out, *kt;
     int64_t q_row_stride, kv_row_stride, H, KVH, D, G;
     float scale;
-    const int64_t *starts, *lens, *kt_offset; /* kt_offset[i]: first float of i's K^T */
+    const int64_t *starts, *lens;
+    /* kt_offset[i]: first float of i's K^T; also of its V copy (paged keys only). */
+    const int64_t *kt_offset;
+    /* Paged keys (NULL for fresh prefills): sequence i's queries come after ctx[i] cached
+     * positions, and every key (cached and new) is read from the paged cache k/v
+     * ([blocks][block_size][KVH][D]) through tables[i * table_stride ..]. */
+    const int64_t *ctx, *tables;
+    int64_t table_stride, block_size;
+    float *vcopy; /* V of each (sequence, KV head), [keys][D], for paged keys */
 };
 
 static inline int64_t padded(int64_t n) { return (n + BK - 1) / BK * BK; }
 
-/* K^T of sequence i, KV head h: [D][padded(len)], the padding zero. */
+/* Cached positions before sequence i's queries (0 for fresh prefills). */
+static inline int64_t context(const struct job *a, int64_t i) { return a->ctx ? a->ctx[i] : 0; }
+
+/* Row of key position t of sequence i, KV head h, in k (or v: same layout). */
+static inline const float *key_row(const struct job *a, const float *base, int64_t i, int64_t t,
+                                   int64_t h)
+{
+    if (a->ctx == NULL)
+        return base + (a->starts[i] + t) * a->kv_row_stride + h * a->D;
+    const int64_t block = a->tables[i * a->table_stride + t / a->block_size];
+    return base + ((block * a->block_size + t % a->block_size) * a->KVH + h) * a->D;
+}
+
+/* K^T of sequence i, KV head h: [D][padded(keys)], the padding zero; for paged keys also V
+ * as [keys][D] rows (so the weighted sum reads it like a fresh prefill's rows). */
 static void transpose_k(const struct job *a, int64_t i, int64_t h)
 {
-    const int64_t begin = a->starts[i], len = a->lens[i], width = padded(len);
+    const int64_t keys = context(a, i) + a->lens[i], width = padded(keys);
     float *kt = a->kt + a->kt_offset[i] + h * a->D * width;
-    for (int64_t t = 0; t < len; t++) {
-        const float *kr = a->k + (begin + t) * a->kv_row_stride + h * a->D;
+    float *vc = a->ctx ? a->vcopy + a->kt_offset[i] + h * a->D * width : NULL;
+    for (int64_t t = 0; t < keys; t++) {
+        const float *kr = key_row(a, a->k, i, t, h);
         for (int64_t d = 0; d < a->D; d++)
             kt[d * width + t] = kr[d];
+        if (vc)
+            memcpy(vc + t * a->D, key_row(a, a->v, i, t, h), sizeof(float) * (size_t)a->D);
     }
     for (int64_t d = 0; d < a->D; d++)
-        for (int64_t t = len; t < width; t++)
+        for (int64_t t = keys; t < width; t++)
             kt[d * width + t] = 0.0f;
 }
 
@@ -154,10 +190,32 @@ static inline float hsum(vec x)
     return x[0];
 }
 
+/* Whether a lane of x is above t (false for NaN lanes): one mask test on AVX-512 and AVX, where
+ * the fold of `hmax` is several shuffles. */
+static inline int any_above(vec x, float t)
+{
+#if defined(__AVX512F__) && VL == 16
+    return _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+#elif defined(__AVX__) && VL == 8
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)x, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+#else
+    return hmax(x) > t;
+#endif
+}
+
+/* A row's running maximum m is raised only when a block holds a score above m + LAZY_MARGIN.
+ * Below that, the block's weights e^(s - m) are at most e^8 (~3e3): no overflow in float sums,
+ * and the quotient acc / l is the softmax whichever m was subtracted. Most blocks then need no
+ * horizontal maximum, no rescale of the row and no scalar exponential (the folds and the scalar
+ * exponential were ~20% of the kernel's time with m raised at every block). */
+#define LAZY_MARGIN 8.0f
+
 /* Online-softmax step of one row over its first n (1..BK) scores of a block: s[0..n) becomes
- * e^(s - m_new), s[n..BK) zero; returns the factor the row's accumulator must be scaled by.
- * Written on whole vectors: the compiler's own vectorisation of these loops used half-width
- * masked ones. Lanes past n are left out of the maximum and zeroed after the exponential. */
+ * e^(s - m), s[n..BK) zero, and the weights are added to the row's sum, kept as a vector l (one
+ * horizontal sum at the end); returns the factor the row's accumulator must be scaled by (1 when
+ * m stays). Written on whole vectors: the compiler's own vectorisation of these loops used
+ * half-width masked ones. Lanes past n are left out of the maximum and zeroed after the
+ * exponential. */
 static inline float softmax_row(float *restrict s, int64_t n, float *m, float *l)
 {
     vec x[KV], lane, mx = (vec){0} - INFINITY;
@@ -170,25 +228,28 @@ static inline float softmax_row(float *restrict s, int64_t n, float *m, float *l
         const vec seen = vselect(keep[j], x[j], mx);
         mx = vselect(seen > mx, seen, mx);
     }
-    const float tile_max = hmax(mx);
-    const float m_new = tile_max > *m ? tile_max : *m;
-    /* ~1e-38 rather than 0 on the first block (m = -inf): it scales a zero accumulator. A libm
-     * expf here, once per row and block, took ~10% of the kernel. */
-    const float alpha = exp_nonpositive(*m - m_new);
-    vec sum = (vec){0};
+    float alpha = 1.0f;
+    vec sum = vload(l);
+    if (any_above(mx, *m + LAZY_MARGIN)) { /* always on a row's first block (m = -inf) */
+        const float m_new = hmax(mx);
+        /* ~1e-38 rather than 0 on the first block (m = -inf): it scales a zero accumulator. A
+         * libm expf here took ~10% of the kernel. */
+        alpha = exp_nonpositive(*m - m_new);
+        sum *= alpha;
+        *m = m_new;
+    }
     for (int j = 0; j < KV; j++) {
-        const vec e = vselect(keep[j], vexp_nonpositive(x[j] - m_new), (vec){0});
+        const vec e = vselect(keep[j], vexp_nonpositive(x[j] - *m), (vec){0});
         vstore(s + j * VL, e);
         sum += e;
     }
-    *l = *l * alpha + hsum(sum);
-    *m = m_new;
+    vstore(l, sum);
     return alpha;
 }
 
 /* acc[r] = acc[r] * alpha[r] + sum over keys t < n of p[r][t] * V[k0 + t], for QV rows. */
 static inline __attribute__((always_inline)) void
-block_values(const struct job *a, const float *vbase, int64_t n, const float *restrict p,
+block_values(const float *vbase, int64_t v_stride, int64_t n, const float *restrict p,
              const float *restrict alpha, float *restrict acc, int64_t D)
 {
     for (int64_t d0 = 0; d0 < D; d0 += DV_PASS * VL) {
@@ -198,7 +259,7 @@ block_values(const struct job *a, const float *vbase, int64_t n, const float *re
             for (int64_t j = 0; j < nv; j++)
                 o[r][j] = vload(acc + r * D + d0 + j * VL) * alpha[r];
         for (int64_t t = 0; t < n; t++) {
-            const float *vr = vbase + t * a->kv_row_stride + d0;
+            const float *vr = vbase + t * v_stride + d0;
             vec v[DV_PASS];
             for (int64_t j = 0; j < nv; j++)
                 v[j] = vload(vr + j * VL);
@@ -222,13 +283,16 @@ block_values(const struct job *a, const float *vbase, int64_t n, const float *re
 static inline __attribute__((always_inline)) void
 attend_item_d(const struct job *a, int64_t i, int64_t h, int64_t t0, float *buf, const int64_t D)
 {
-    const int64_t G = a->G, begin = a->starts[i], len = a->lens[i], width = padded(len);
+    const int64_t G = a->G, begin = a->starts[i], len = a->lens[i], ctx = context(a, i);
+    const int64_t width = padded(ctx + len);
     const int64_t tokens = len - t0 < BQ ? len - t0 : BQ, rows = tokens * G;
     const int64_t padded_rows = (rows + QV - 1) / QV * QV;
     const float *kt = a->kt + a->kt_offset[i] + h * D * width;
-    const float *vseq = a->v + begin * a->kv_row_stride + h * D;
+    const float *vseq = a->ctx ? a->vcopy + a->kt_offset[i] + h * D * width
+                               : a->v + begin * a->kv_row_stride + h * D;
+    const int64_t v_stride = a->ctx ? D : a->kv_row_stride;
     float *qs = buf, *acc = qs + padded_rows * D, *m = acc + padded_rows * D, *l = m + padded_rows;
-    float *s = l + padded_rows;
+    float *s = l + padded_rows * VL;
     for (int64_t r = 0; r < padded_rows; r++) {
         const float *qr = r < rows
             ? a->q + (begin + t0 + r / G) * a->q_row_stride + (h * G + r % G) * D : NULL;
@@ -237,34 +301,35 @@ attend_item_d(const struct job *a, int64_t i, int64_t h, int64_t t0, float *buf,
             acc[r * D + d] = 0.0f;
         }
         m[r] = -INFINITY;
-        l[r] = 0.0f;
+        vstore(l + r * VL, (vec){0});
     }
-    for (int64_t k0 = 0; k0 < t0 + tokens; k0 += BK) {
+    for (int64_t k0 = 0; k0 < ctx + t0 + tokens; k0 += BK) {
         for (int64_t r0 = 0; r0 < rows; r0 += QV) {
             const int64_t last_row = r0 + QV - 1 < rows ? r0 + QV - 1 : rows - 1;
-            if (t0 + last_row / G < k0)
+            if (ctx + t0 + last_row / G < k0)
                 continue; /* every key of the block is after every token of the pass */
             block_scores(qs + r0 * D, kt, width, k0, D, s);
             float alpha[QV];
             int64_t n_max = 0;
             for (int r = 0; r < QV; r++) {
-                const int64_t row = r0 + r, visible = t0 + row / G - k0 + 1; /* causal */
+                const int64_t row = r0 + r, visible = ctx + t0 + row / G - k0 + 1; /* causal */
                 const int64_t n = row >= rows ? 0 : (visible < BK ? visible : BK);
                 if (n <= 0) { /* no key of this block, or no row: unchanged */
                     alpha[r] = 1.0f;
                     memset(s + r * BK, 0, sizeof(float) * BK);
                     continue;
                 }
-                alpha[r] = softmax_row(s + r * BK, n, m + row, l + row);
+                alpha[r] = softmax_row(s + r * BK, n, m + row, l + row * VL);
                 n_max = n > n_max ? n : n_max;
             }
-            block_values(a, vseq + k0 * a->kv_row_stride, n_max, s, alpha, acc + r0 * D, D);
+            block_values(vseq + k0 * v_stride, v_stride, n_max, s, alpha, acc + r0 * D, D);
         }
     }
     for (int64_t r = 0; r < rows; r++) {
         float *o = a->out + ((begin + t0 + r / G) * a->H + h * G + r % G) * D;
+        const float sum = hsum(vload(l + r * VL));
         for (int64_t d = 0; d < D; d++)
-            o[d] = acc[r * D + d] / l[r];
+            o[d] = acc[r * D + d] / sum;
     }
 }
 
@@ -288,38 +353,40 @@ static void attend_item(const struct job *a, int64_t i, int64_t h, int64_t t0, f
 static size_t scratch_floats(int64_t D, int64_t G)
 {
     const int64_t rows = (BQ * G + QV - 1) / QV * QV;
-    return (size_t)(2 * rows * D + 2 * rows + QV * BK);
+    return (size_t)(2 * rows * D + rows + rows * VL + QV * BK); /* qs, acc, m, l, s */
 }
 
-/* Returns 0; -1 when D is not a multiple of VL, the heads do not group or a length is
- * negative; -3 out of memory. */
-int llmserve_causal_attention_f32(float *out, const float *q, int64_t q_row_stride,
-                                  const float *k, const float *v, int64_t kv_row_stride,
-                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                  float scale, const int64_t *starts, const int64_t *lens,
-                                  int64_t num_seqs)
+/* Runs a job whose pointers, sizes, scale, starts, lens and (paged) ctx/tables are set. Returns
+ * 0; -1 when D is not a multiple of VL, the heads do not group or a length is negative; -3 out
+ * of memory. */
+static int run(struct job a, int64_t num_seqs)
 {
-    if (head_dim <= 0 || head_dim % VL || num_kv_heads <= 0 || num_heads % num_kv_heads)
+    const int64_t head_dim = a.D, num_kv_heads = a.KVH;
+    if (head_dim <= 0 || head_dim % VL || num_kv_heads <= 0 || a.H % num_kv_heads)
         return -1;
+    a.G = a.H / num_kv_heads;
     int64_t *kt_offset = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
     if (kt_offset == NULL)
         return -3;
     int64_t items = 0;
     kt_offset[0] = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t len = lens[i];
-        if (len < 0) {
+        const int64_t len = a.lens[i];
+        if (len < 0 || (a.ctx && a.ctx[i] < 0)) {
             free(kt_offset);
             return -1;
         }
-        kt_offset[i + 1] = kt_offset[i] + padded(len) * num_kv_heads * head_dim;
+        kt_offset[i + 1] = kt_offset[i] + padded(len + (a.ctx ? a.ctx[i] : 0)) * num_kv_heads * head_dim;
         items += (len + BQ - 1) / BQ * num_kv_heads;
     }
-    float *kt = malloc(sizeof(float) * (size_t)(kt_offset[num_seqs] > 0 ? kt_offset[num_seqs] : 1));
+    const size_t kt_floats = (size_t)(kt_offset[num_seqs] > 0 ? kt_offset[num_seqs] : 1);
+    float *kt = malloc(sizeof(float) * kt_floats);
+    float *vcopy = a.ctx ? malloc(sizeof(float) * kt_floats) : NULL;
     int64_t *item = malloc(sizeof(int64_t) * 3 * (size_t)(items > 0 ? items : 1));
-    if (kt == NULL || item == NULL) {
+    if (kt == NULL || item == NULL || (a.ctx && vcopy == NULL)) {
         free(kt_offset);
         free(kt);
+        free(vcopy);
         free(item);
         return -3;
     }
@@ -327,7 +394,7 @@ int llmserve_causal_attention_f32(float *out, const float *q, int64_t q_row_stri
      * short items. */
     int64_t n = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t len = lens[i];
+        const int64_t len = a.lens[i];
         for (int64_t t0 = (len - 1) / BQ * BQ; t0 >= 0 && len > 0; t0 -= BQ)
             for (int64_t h = 0; h < num_kv_heads; h++) {
                 item[3 * n] = i;
@@ -336,9 +403,9 @@ int llmserve_causal_attention_f32(float *out, const float *q, int64_t q_row_stri
                 n++;
             }
     }
-    const struct job a = {q, k, v, out, kt, q_row_stride, kv_row_stride, num_heads,
-                          num_kv_heads, head_dim, num_heads / num_kv_heads, scale, starts, lens,
-                          kt_offset};
+    a.kt = kt;
+    a.vcopy = vcopy;
+    a.kt_offset = kt_offset;
     int status = 0;
 #pragma omp parallel reduction(min : status)
     {
@@ -356,6 +423,42 @@ int llmserve_causal_attention_f32(float *out, const float *q, int64_t q_row_stri
     }
     free(kt_offset);
     free(kt);
+    free(vcopy);
     free(item);
     return status;
+}
+
+/* Fresh prefills: sequence i is rows starts[i] .. + lens[i] of q, k and v. See `run`. */
+int llmserve_causal_attention_f32(float *out, const float *q, int64_t q_row_stride,
+                                  const float *k, const float *v, int64_t kv_row_stride,
+                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                  float scale, const int64_t *starts, const int64_t *lens,
+                                  int64_t num_seqs)
+{
+    const struct job a = {.q = q, .k = k, .v = v, .out = out, .q_row_stride = q_row_stride,
+                          .kv_row_stride = kv_row_stride, .H = num_heads, .KVH = num_kv_heads,
+                          .D = head_dim, .scale = scale, .starts = starts, .lens = lens};
+    return run(a, num_seqs);
+}
+
+/* Prefill chunks over cached context: sequence i's queries are rows starts[i] .. + lens[i] of
+ * q, at positions ctx[i] .. ctx[i] + lens[i] - 1, and its keys and values (the chunk's own
+ * already stored) are read from the paged caches through its row of `tables` (int64, one row
+ * of table_stride entries per sequence). See `run`; also -1 for a negative ctx. */
+int llmserve_paged_prefill_attention_f32(float *out, const float *q, int64_t q_row_stride,
+                                         const float *k_cache, const float *v_cache,
+                                         int64_t block_size, const int64_t *tables,
+                                         int64_t table_stride, int64_t num_heads,
+                                         int64_t num_kv_heads, int64_t head_dim, float scale,
+                                         const int64_t *starts, const int64_t *lens,
+                                         const int64_t *ctx, int64_t num_seqs)
+{
+    if (block_size <= 0)
+        return -1;
+    const struct job a = {.q = q, .k = k_cache, .v = v_cache, .out = out,
+                          .q_row_stride = q_row_stride, .H = num_heads, .KVH = num_kv_heads,
+                          .D = head_dim, .scale = scale, .starts = starts, .lens = lens,
+                          .ctx = ctx, .tables = tables, .table_stride = table_stride,
+                          .block_size = block_size};
+    return run(a, num_seqs);
 }
