@@ -216,6 +216,17 @@ def test_a_tiny_repetition_penalty_keeps_the_logits_finite(penalty):
         assert out.token_ids[0] in (0, 2)
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45])
+def test_a_top_p_below_float32_range_still_keeps_the_top_token(top_p):
+    """Any top_p in (0, 1] is accepted; one that became 0 in float32 used to keep no token, and
+    sampling drew token id == vocab (which the next step fed to the embedding)."""
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, 1.0]] * 2)
+    reqs = [make_req(top_p=top_p, temperature=1.0),
+            make_req(top_p=top_p, temperature=1.0, top_k=3)]
+    for _ in range(10):
+        assert Sampler()(logits, reqs).token_ids == [2, 2]
+
+
 def test_penalties_do_not_mutate_input_logits():
     logits = torch.randn(1, 10)
     before = logits.clone()

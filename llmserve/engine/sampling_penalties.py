@@ -97,10 +97,10 @@ def apply_penalties(
     at = row * vocab + tok
     flat = out.view(-1)
     v = flat.gather(0, at)
-    # The API takes any positive penalty: one below float32's range must not become 0 (a
-    # division by zero, and -inf * 0 = NaN for a blocked token), and a huge quotient stays
-    # finite, so the favoured tokens tie at float32's maximum instead of the row turning NaN.
-    r = st.repetition.gather(0, row).clamp_min(_F32.tiny)
+    # A tiny penalty (never 0: `SamplingTensors` keeps it in float32's range) can still push a
+    # quotient past float32's maximum: it stays finite, so the favoured tokens tie there
+    # instead of the row turning NaN.
+    r = st.repetition.gather(0, row)
     v = torch.where(v > 0, (v / r).clamp_max(_F32.max), v * r)  # a penalty of 1 changes nothing
     if pf:
         _, p_slot, p_tok = index[:, n_touched:]

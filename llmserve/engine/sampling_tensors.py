@@ -10,6 +10,8 @@ import torch
 if TYPE_CHECKING:
     from llmserve.engine.request import Request
 
+_F32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+
 
 @dataclass
 class SamplingTensors:
@@ -69,8 +71,11 @@ class SamplingTensors:
             if sp.logprobs is not None:
                 logprob_rows.append(i)
                 logprob_ks.append(sp.logprobs)
-            values += (1.0 if greedy else sp.temperature, top_k, sp.top_p, sp.min_p,
-                       sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty)  # fmt: skip
+            # top_p and repetition_penalty are any positive float: one below float32's range
+            # must not become 0 here (top-p would keep no token, the penalty divide by zero).
+            values += (1.0 if greedy else sp.temperature, top_k, max(sp.top_p, _F32_TINY),
+                       sp.min_p, sp.presence_penalty, sp.frequency_penalty,
+                       max(sp.repetition_penalty, _F32_TINY))  # fmt: skip
         t = to_device(values, torch.float32, device).reshape(len(requests), 7).T
         return cls(
             temperature=t[0], top_k=t[1].long(), top_p=t[2], min_p=t[3],
