@@ -189,8 +189,7 @@ class ModelRunner:
         # Grammar masks are filled on the host (a worker thread) while the model runs.
         masks = None if sched is None else start_grammar_masks(
             [sched.scheduled[i][0] for i in sched.sample_indices], self.device)
-        prompt_rows = None if sched is None or self.tp_size > 1 else prompt_logprob_targets(
-            sched.scheduled, sched.starts, step.query_start_loc)
+        prompt_rows = self._prompt_rows(step, sched)
         if self.graphs is not None and self.graphs.can_run(meta, step.batch_size):
             hidden = self.graphs.run(input_ids, positions, meta)
         else:
@@ -228,18 +227,25 @@ class ModelRunner:
         """The sampled rows, for a model that can skip the rest of its last layer; None when
         every row's hidden state is read anyway (all decodes, or prompt logprobs to score)."""
         if (not getattr(self.model, "prunes_output_rows", False) or self.tp_size > 1
-                or step.all_rows_sample_last_token or (prompt_rows and prompt_rows[0])):
+                or step.all_rows_sample_last_token or prompt_rows is not None):
             return None
         put = self.staging.put
         return OutputRows(put("output_tokens", step.sample_token_index),
                           put("output_seqs", step.sample_rows))
 
+    def _prompt_rows(self, step: StepArrays, sched: SchedulerOutput | None) -> PromptRows | None:
+        """The rows of this step that score prompt tokens (`prompt_logprob_targets`), or None
+        when no request asks. (The engine refuses prompt_logprobs under tensor parallelism:
+        the sharded LM head would need every rank to score the same rows.)"""
+        if sched is None or self.tp_size > 1:
+            return None
+        found = prompt_logprob_targets(sched.scheduled, sched.starts, step.query_start_loc)
+        return found if found[0] else None
+
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: PromptRows | None
                        ) -> PendingPromptLogprobs | None:
-        """Logprobs of the prompt tokens in this step, for the requests that ask for them.
-        (The engine refuses prompt_logprobs under tensor parallelism: the sharded LM head
-        would need every rank to score the same rows.)"""
-        if not prompt_rows or not prompt_rows[0]:
+        """Logprobs of the prompt tokens in this step, for the requests that ask for them."""
+        if prompt_rows is None:
             return None
         rows, targets, spans = prompt_rows
         return PendingPromptLogprobs(hidden, self.model.compute_logits, self.vocab_size, rows,
