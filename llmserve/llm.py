@@ -92,15 +92,22 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
         num_generated = 0
-        with bar:
-            while len(results) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
+        outputs = self.engine.outputs
+        outputs.finished_only = True  # only finished outputs are read here: build no others
+        try:
+            with bar:
+                while len(results) < len(ids):
+                    for out in self.engine.step():
+                        if not out.finished:
+                            continue
                         results[out.request_id] = out
                         num_generated += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"output {num_generated / elapsed:.1f} tok/s", refresh=False)
+                        bar.set_postfix_str(f"output {num_generated / elapsed:.1f} tok/s",
+                                            refresh=False)
+        finally:
+            outputs.finished_only = False
         return [results[i] for i in ids]
 
     def _drain(self) -> None:

@@ -43,20 +43,31 @@ class _Completion:
         self.num_processed = 0  # output tokens already folded into `text`
 
     def update(self) -> bool:
-        """Fold new output tokens into the text; return True if a stop string ended it."""
+        """Fold new output tokens into the text when stop strings need it; return True if a stop
+        string ended it. Without stop strings the text is folded in by `output` instead, so a
+        step whose outputs nobody reads (`OutputProcessor.finished_only`) detokenizes nothing."""
+        if not self.stops:
+            return False
+        added = self._fold()
         request = self.request
-        params = request.sampling_params
+        if (added is None or request.status == RequestStatus.FINISHED_STOPPED
+                or request.num_output_tokens < request.sampling_params.min_tokens):
+            return False
+        return self._check_stop_strings(len(added))
+
+    def _fold(self) -> str | None:
+        """Detokenize the output tokens not yet in `text`, append their text and return it
+        (None when there were none, or no detokenizer)."""
+        request = self.request
         new_tokens = request.output_token_ids[self.num_processed :]
         self.num_processed = request.num_output_tokens
         if not new_tokens or self.detok is None:
-            return False
-        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
-        added = new_text(self.detok, new_tokens, stopped_by_token=stopped_by_token,
+            return None
+        added = new_text(self.detok, new_tokens,
+                         stopped_by_token=request.status == RequestStatus.FINISHED_STOPPED,
                          finished=request.is_finished)
         self.text += added
-        if not self.stops or stopped_by_token or request.num_output_tokens < params.min_tokens:
-            return False
-        return self._check_stop_strings(len(added))
+        return added
 
     def _check_stop_strings(self, num_added: int) -> bool:
         start = max(0, len(self.text) - num_added - self.hold_back)
@@ -78,6 +89,8 @@ class _Completion:
         return self.text[: max(0, len(self.text) - self.hold_back)]
 
     def output(self) -> CompletionOutput:
+        if not self.stops:
+            self._fold()
         r = self.request
         return CompletionOutput(
             index=r.index,
@@ -120,6 +133,9 @@ class OutputProcessor:
         # (`output_wire.OutputDecoder.detokenize`), so outputs carry tokens and an empty text;
         # only requests with stop strings are still detokenized here (they need it to stop).
         self.frontend_detokenizes = False
+        # Set by the offline `LLM` while it runs: it reads finished outputs only, so `process`
+        # builds no others (and requests without stop strings are detokenized once, at the end).
+        self.finished_only = False
 
     def add(self, parent_id: str, prompt: str | None, children: list[Request]) -> None:
         with_text = not self.frontend_detokenizes or bool(children[0].sampling_params.stop)
@@ -151,6 +167,8 @@ class OutputProcessor:
                 request.status = RequestStatus.FINISHED_STOPPED
                 stopped.append(request)
             parents[request.parent_id] = None
+        if self.finished_only:
+            return [self.output(pid) for pid in parents if self.groups[pid].finished], stopped
         return [self.output(pid) for pid in parents], stopped
 
     def output(self, parent_id: str) -> RequestOutput:

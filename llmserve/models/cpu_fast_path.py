@@ -177,7 +177,8 @@ def long_lived_tensors(model: nn.Module) -> list[torch.Tensor]:
     tensors += [p.buffer for p in packed if p is not None]
     greedy = getattr(head, "greedy", None)
     if greedy is not None:
-        tensors += [greedy.weight_bf16, greedy.wnorm]
+        # (oneDNN's prepacked copy, `greedy.packed`, has no data pointer to advise.)
+        tensors += [t for t in (greedy.weight_bf16, greedy.wnorm) if t is not None]
     return tensors
 
 

@@ -54,14 +54,20 @@ def test_tokens_are_the_exact_argmax(rows, vocab, dim):
     assert torch.equal(got, F.linear(hidden, weight).max(dim=-1).indices)
 
 
-def test_the_error_bound_holds_for_the_bfloat16_gemm():
-    """The constant c is what the screen relies on: check it against oneDNN's actual results,
-    with wide dot products (dim 4096) where accumulation error matters most."""
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_the_error_bound_holds_for_the_bfloat16_gemm(prepacked, monkeypatch):
+    """The constant c is what the screen relies on: check it against oneDNN's actual results
+    (the prepacked GEMM the head uses, and the plain one it falls back to), with wide dot
+    products (dim 4096) where accumulation error matters most."""
+    if not prepacked:
+        monkeypatch.setattr(cpu_greedy, "_prepack", lambda weight: None)
     for dim, scale in ((256, 1.0), (4096, 1.0), (1024, 1e-3), (1024, 1e3)):
         g = gen(dim)
         weight = torch.randn(2000, dim, generator=g) * scale
         hidden = torch.randn(16, dim, generator=g).abs() * scale  # same signs: no cancellation
-        approx = F.linear(hidden.to(torch.bfloat16), weight.to(torch.bfloat16)).double()
+        head = GreedyHead(weight, lambda h: F.linear(h, weight))
+        assert (head.packed is None) == (head.weight_bf16 is not None)
+        approx = head.approx_logits(hidden.to(torch.bfloat16)).double()
         exact = hidden.double() @ weight.double().t()
         bound = cpu_greedy.error_factor(dim) * hidden.double().norm(dim=1, keepdim=True) \
             * weight.double().norm(dim=1)
@@ -167,3 +173,29 @@ def test_the_switch_turns_it_off(monkeypatch):
     assert "switched off" in cpu_greedy.blocker(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="switched off"):
         GreedyHead(torch.zeros(4, 4), lambda h: h)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 256, 257, 600])
+def test_prepacked_gemm_equals_the_plain_one(rows):
+    """oneDNN's prepacked LM head (in slices of PACKED_MAX_ROWS rows) gives the plain bfloat16
+    GEMM's bits, so the error bound and the tokens do not depend on which one ran."""
+    g = gen(rows)
+    weight = torch.randn(3000, 256, generator=g) * 0.1
+    hidden = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
+    head = GreedyHead(weight, lambda h: F.linear(h, weight))
+    if head.packed is None:
+        pytest.skip("this torch cannot prepack a bfloat16 weight for oneDNN")
+    assert head.weight_bf16 is None  # no second copy of the LM head
+    got = head.approx_logits(hidden)
+    assert got.shape == (rows, 3000) and got.dtype == torch.bfloat16
+    assert torch.equal(got, F.linear(hidden, weight.to(torch.bfloat16)))
+
+
+def test_without_prepacking_the_head_uses_the_plain_gemm(monkeypatch):
+    monkeypatch.setattr(cpu_greedy, "_prepack", lambda weight: None)
+    g = gen(11)
+    weight = torch.randn(5000, 64, generator=g) * 0.2
+    hidden = torch.randn(40, 64, generator=g)
+    head = GreedyHead(weight, CountingLogits(weight))
+    assert head.packed is None and head.weight_bf16 is not None
+    assert torch.equal(head(hidden), exact_argmax(hidden, weight))

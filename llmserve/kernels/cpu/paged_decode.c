@@ -118,6 +118,32 @@ static inline int64_t tile_segments(const struct context *c, int64_t start, int6
     return n;
 }
 
+/* A tile's runs of consecutive rows (see `tile_segments`) and its length. */
+struct tile {
+    int64_t base[TILE], len[TILE], nseg, n;
+};
+
+/* Fills `t` with the tile from `start` and asks for its K and V rows ahead of use. A block is
+ * its own run of rows (4 KB, one page, for 16 tokens of two KV heads at head_dim 32), where the
+ * hardware prefetcher stops, so without this each block begins with a wait on memory. Callers
+ * load the next tile before computing the current one. Measured on 2 threads, 64 sequences of
+ * ~260 positions, 4 layers, caches cold: 3.9 -> 3.0 ms; whole decode steps of the small Qwen3
+ * at 64 sequences, kernels alternated step by step in one run: 14.4 -> 13.6 ms. (Non-temporal
+ * requests were slower, 17.1 ms: the next step reads the same context again.) Returns the
+ * tile's length, or -2 for a block id out of range. */
+static inline int64_t load_tile(const struct context *c, int64_t start, int64_t D, struct tile *t)
+{
+    t->n = tile_segments(c, start, D, t->base, t->len, &t->nseg);
+    const int64_t tok_stride = c->num_kv_heads * D;
+    for (int64_t i = 0; t->n > 0 && i < t->nseg; i++)
+        for (int64_t j = 0; j < t->len[i]; j++)
+            for (int64_t d = 0; d < D; d += 16) { /* one request per 64-byte line */
+                __builtin_prefetch(c->k_cache + t->base[i] + j * tok_stride + d, 0, 3);
+                __builtin_prefetch(c->v_cache + t->base[i] + j * tok_stride + d, 0, 3);
+            }
+    return t->n;
+}
+
 /* Online-softmax step of one query head over a tile's n scores: s[0..n) becomes
  * e^(s - m_new); the running maximum m and denominator l are updated. Returns the factor the
  * head's accumulator must be scaled by (0 on the first tile, where m = -inf). */
@@ -158,11 +184,13 @@ attend_kv_head(const struct context *c, const int64_t D, int64_t G, const float 
         for (int64_t d = 0; d < D; d++)
             acc[g * D + d] = 0.0f;
     }
-    int64_t seg_base[TILE], seg_len[TILE]; /* the tile's runs of consecutive rows */
-    for (int64_t start = c->begin, n; start < c->len; start += n) {
-        int64_t nseg = 0;
-        n = tile_segments(c, start, D, seg_base, seg_len, &nseg);
-        if (n < 0)
+    struct tile tiles[2]; /* the current tile and the next, loaded ahead */
+    if (c->begin < c->len && load_tile(c, c->begin, D, &tiles[0]) < 0)
+        return -2;
+    for (int64_t start = c->begin, cur = 0; start < c->len; start += tiles[cur].n, cur ^= 1) {
+        const int64_t *seg_base = tiles[cur].base, *seg_len = tiles[cur].len;
+        const int64_t nseg = tiles[cur].nseg, n = tiles[cur].n;
+        if (start + n < c->len && load_tile(c, start + n, D, &tiles[cur ^ 1]) < 0)
             return -2;
         /* Query heads one after another over the same tile, which stays in L1. */
         for (int64_t g = 0; g < G; g++) {
@@ -238,11 +266,13 @@ attend_grouped(const struct context *c, const int64_t D, const int64_t G, const 
         for (int64_t k = 0; k < NV; k++)
             acc[g * NV + k] = (vec){0};
     }
-    int64_t seg_base[TILE], seg_len[TILE];
-    for (int64_t start = c->begin, n; start < c->len; start += n) {
-        int64_t nseg = 0;
-        n = tile_segments(c, start, D, seg_base, seg_len, &nseg);
-        if (n < 0)
+    struct tile tiles[2]; /* the current tile and the next, loaded ahead */
+    if (c->begin < c->len && load_tile(c, c->begin, D, &tiles[0]) < 0)
+        return -2;
+    for (int64_t start = c->begin, cur = 0; start < c->len; start += tiles[cur].n, cur ^= 1) {
+        const int64_t *seg_base = tiles[cur].base, *seg_len = tiles[cur].len;
+        const int64_t nseg = tiles[cur].nseg, n = tiles[cur].n;
+        if (start + n < c->len && load_tile(c, start + n, D, &tiles[cur ^ 1]) < 0)
             return -2;
         for (int64_t g = 0; g < G; g++) {
             const float *qg = qs + g * D;
