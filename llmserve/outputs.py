@@ -59,6 +59,10 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    # With finish_reason "abort": why the engine ended it because of the request itself (its
+    # grammar failed to compile or timed out), for the client's error message; None when a
+    # client or the server aborted it.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

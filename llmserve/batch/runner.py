@@ -162,6 +162,17 @@ class BatchRunner:
         if entry is None:
             return  # an aborted sibling of a line that already failed
         line, k = entry
+        error = next((c.error for c in out.outputs if c.error), None)
+        if error is not None:  # e.g. its grammar failed to compile: the line fails, siblings end
+            siblings = [rid for rid, (other, _) in self._inflight.items() if other is line]
+            for rid in siblings:
+                del self._inflight[rid]
+            if siblings:
+                self.engine.abort_request(siblings)
+            self._lines_inflight -= 1
+            self._fail(log, summary, Failed(line.prep.line, 400, error, code="invalid_grammar"))
+            bar.update(1)
+            return
         line.outputs[k] = out
         line.remaining -= 1
         if line.remaining:

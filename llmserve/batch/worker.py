@@ -228,6 +228,11 @@ class BatchWorker:
                 s.abort()
             self._inflight_requests -= len(streams)
             self._running.pop(prep.line.custom_id, None)
+        error = next((c.error for o in finals for c in o.outputs if c.error), None)
+        if error is not None:  # the line's own fault (its grammar failed to compile): no rerun
+            log.write(result_line(prep.line.custom_id, 400,
+                                  _error_body(error, code="invalid_grammar")))
+            return
         if any(c.finish_reason == "abort" for o in finals for c in o.outputs):
             queue.appendleft(prep.line)  # aborted by the server (drain): run it again
             return
@@ -298,10 +303,10 @@ async def _final(stream):
     return last
 
 
-def _error_body(message: str) -> dict:
+def _error_body(message: str, code: str | None = None) -> dict:
     from llmserve.server.openai.errors import error_body
 
-    return error_body(400, message[:1000])
+    return error_body(400, message[:1000], code=code)
 
 
 def _errors(code: str, message: str) -> dict:

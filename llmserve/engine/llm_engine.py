@@ -219,6 +219,7 @@ class LLMEngine:
             self.scheduler.add_request(request)
         for request in failed:
             request.status = RequestStatus.FINISHED_ABORTED
+            request.error = f"the request's grammar could not be compiled: {request.grammar.error}"
         for parent_id in dict.fromkeys(r.parent_id for r in failed):
             if all(c.is_finished for c in self.outputs.children(parent_id)):
                 self._aborted_outputs.append(self.outputs.output(parent_id))

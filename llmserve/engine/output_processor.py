@@ -100,6 +100,7 @@ class _Completion:
             logprobs=r.logprobs,
             finish_reason=r.finish_reason,
             stop_reason=r.stop_reason,
+            error=r.error,
         )
 
 

@@ -37,6 +37,7 @@ class WireCompletion(NamedTuple):
     cumulative_logprob: float | None
     finish_reason: str | None
     stop_reason: int | str | None
+    error: str | None  # CompletionOutput.error
 
 
 class WireOutput(NamedTuple):
@@ -97,7 +98,7 @@ class OutputEncoder:
                 s.num_logprobs = len(c.logprobs)
             completions.append((  # a WireCompletion's fields
                 c.index, text_keep, c.text[text_keep:], tok_keep, c.token_ids[tok_keep:],
-                lp_keep, lp_tail, c.cumulative_logprob, c.finish_reason, c.stop_reason,
+                lp_keep, lp_tail, c.cumulative_logprob, c.finish_reason, c.stop_reason, c.error,
             ))
             s.text, s.num_tokens = c.text, len(c.token_ids)
         prompt_logprobs = None
@@ -166,7 +167,7 @@ class OutputDecoder:
             held.prompt_logprobs = prompt_logprobs
         outputs = []
         for (index, text_keep, text_tail, tok_keep, tok_tail, lp_keep, lp_tail, cumulative,
-             finish_reason, stop_reason) in completions:
+             finish_reason, stop_reason, error) in completions:
             prev = held.completions.get(index)
             if prev is None:
                 text, tokens, logprobs = text_tail, list(tok_tail), (
@@ -180,7 +181,7 @@ class OutputDecoder:
             if held.text is not None:
                 text = self._text(held, index, prev, tok_keep, tok_tail, finish_reason)
             c = CompletionOutput(index, text, tokens, cumulative, logprobs, finish_reason,
-                                 stop_reason)
+                                 stop_reason, error)
             held.completions[index] = c
             outputs.append(c)
         if finished:

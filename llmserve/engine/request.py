@@ -72,6 +72,9 @@ class Request:
         self.block_hashes: list[int] = []
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        # Why the engine itself aborted the request (its grammar failed to compile); None for
+        # aborts by a client or the server.
+        self.error: str | None = None
         self.logprobs: list[dict[int, Logprob]] | None = (
             [] if sampling_params.logprobs is not None else None
         )

@@ -162,3 +162,29 @@ def test_trace_db_gets_one_row_per_engine_request_with_route_batch(tmp_path, mod
     if routes == {"primary"}:
         pytest.xfail("the trace recorder does not read the engine request's info['route'] yet")
     assert routes == {"batch"}
+
+
+def test_a_line_whose_grammar_fails_to_compile_fails_alone(tmp_path, model_dir):
+    """Its error says why; its n=2 sibling is stopped; the other lines complete."""
+    llm = LLM(model_dir, dtype="float32", num_kv_blocks=256, max_num_seqs=4)
+    backend = llm.engine.structured.backend
+
+    def refuse(spec):
+        raise ValueError("the backend refused this schema")
+
+    backend.compile = refuse
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    rows = [chat_line("bad", "hi", n=2, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})]
+    rows += [completion_line(f"ok{i}", f"say {i}", max_tokens=4) for i in range(3)]
+    lines = parse_lines([__import__("json").dumps(r) for r in rows])
+    with ResultLog(tmp_path / "out.jsonl") as log:
+        summary = BatchRunner(llm.engine, use_tqdm=False).run(lines, log)
+    assert summary.completed == 3 and summary.failed == 1
+    by_id = {r["custom_id"]: r["response"] for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert by_id["bad"]["status_code"] == 400
+    error = by_id["bad"]["body"]["error"]
+    assert error["code"] == "invalid_grammar" and "refused this schema" in error["message"]
+    assert all(by_id[f"ok{i}"]["status_code"] == 200 for i in range(3))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks

@@ -118,3 +118,34 @@ async def test_structurally_bad_input_fails_the_batch_with_line_numbers(tmp_path
     errors = store.get_batch(batch["id"])["errors"]["data"]
     assert [(e["line"], e["code"]) for e in errors] == [(2, "duplicate_custom_id"),
                                                         (3, "mismatched_url")]
+
+
+async def test_a_line_whose_grammar_fails_to_compile_is_failed_not_rerun(tmp_path, model_dir):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    rows = [chat_line("bad", "hi", response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})]
+    rows += [chat_line(f"ok{i}", f"topic {i}") for i in range(3)]
+    engine, store, batch, worker = _setup(tmp_path, model_dir, rows)
+    compiles = []
+
+    def refuse(spec):
+        compiles.append(spec)
+        raise ValueError("the backend refused this schema")
+
+    engine.engine.structured.backend.compile = refuse
+    worker.start()
+    try:
+        await _wait(lambda: store.get_batch(batch["id"])["status"] == "completed")
+    finally:
+        await worker.stop()
+        engine.shutdown()
+    done = store.get_batch(batch["id"])
+    assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    assert len(compiles) == 1  # run once, never queued again
+    errors = [json.loads(s) for s in
+              store.file_path(done["error_file_id"]).read_text(encoding="utf-8").splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad"]
+    body = errors[0]["response"]["body"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert body["error"]["code"] == "invalid_grammar"
+    assert "refused this schema" in body["error"]["message"]

@@ -56,9 +56,18 @@ def test_wire_tuples_follow_the_named_layouts_and_pickle_as_plain_tuples():
     (comp,) = named.completions
     assert type(comp) is tuple
     assert WireCompletion._make(comp) == WireCompletion(0, 0, "ab", 0, [5, 6], 0, None, None,
-                                                        "length", None)
+                                                        "length", None, None)
     # No class reference in the pickle: the names cost nothing on the wire.
     assert b"WireOutput" not in pickle.dumps([wire]) and b"output_wire" not in pickle.dumps([wire])
+
+
+def test_an_abort_error_crosses_the_pipe():
+    enc, dec = OutputEncoder(), OutputDecoder()
+    out = _out("r", [""], [[]])
+    out.outputs[0].finish_reason, out.outputs[0].error = "abort", "grammar could not be compiled"
+    out.finished = True
+    (back,) = _roundtrip(enc, dec, [out])
+    assert back == out and back.outputs[0].error == "grammar could not be compiled"
 
 
 def test_rewritten_text_is_resent_whole():

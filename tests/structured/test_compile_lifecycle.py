@@ -72,6 +72,8 @@ def test_compile_timeout_ends_the_request(engine, gate, run):
     engine.add_request("t", [1, 2, 3], _constrained("[0-9]+"))
     out = run(engine)["t"]
     assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert out.outputs[0].error == "the request's grammar could not be compiled: grammar " \
+        "compilation timed out"
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
@@ -80,9 +82,20 @@ def test_compile_error_ends_the_request(engine, run):
         raise ValueError("backend refused it")
 
     engine.structured.backend.compile = broken
-    engine.add_request("e", [1, 2, 3], _constrained("[x-z]+"))
-    assert run(engine)["e"].outputs[0].finish_reason == "abort"
+    engine.add_request("e", [1, 2, 3], SamplingParams(
+        n=2, max_tokens=20, structured_outputs=StructuredOutputsParams(regex="[x-z]+")))
+    outs = run(engine)["e"].outputs
+    assert [c.finish_reason for c in outs] == ["abort", "abort"]
+    assert all(c.error == "the request's grammar could not be compiled: backend refused it"
+               for c in outs)
     assert not engine.has_unfinished_requests()
+
+
+def test_client_aborts_carry_no_error(engine, gate, run):
+    engine.add_request("c", [1, 2, 3], _constrained())
+    engine.step()
+    engine.abort_request("c")
+    assert run(engine)["c"].outputs[0].error is None
 
 
 def test_cached_spec_is_ready_when_added(engine, run):

@@ -229,6 +229,8 @@ class GenerationServicer:
                 grpc.StatusCode.INVALID_ARGUMENT)
             return _Failure(code, exc.message)
         if isinstance(exc, RequestAborted):
+            if exc.error:  # the request's own fault (its grammar failed to compile)
+                return _Failure(grpc.StatusCode.INVALID_ARGUMENT, exc.error)
             return _Failure(grpc.StatusCode.ABORTED, "the request was aborted")
         if isinstance(exc, QueueFullError):
             return _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -259,5 +261,9 @@ class _InFlight:
 def _check_finished(last) -> None:
     if last is None or not last.finished:
         raise _Failure(grpc.StatusCode.INTERNAL, "the request ended without a result")
-    if any(c.finish_reason == "abort" for c in last.outputs):
+    aborted = [c for c in last.outputs if c.finish_reason == "abort"]
+    error = next((c.error for c in aborted if c.error), None)
+    if error is not None:  # the request's own fault (its grammar failed to compile)
+        raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, error)
+    if aborted:
         raise _Failure(grpc.StatusCode.ABORTED, "the request was aborted")

@@ -15,7 +15,12 @@ if TYPE_CHECKING:
 
 
 class RequestAborted(Exception):
-    """The engine aborted the request (server drain timeout); not the client's doing."""
+    """The engine aborted the request: the server's doing (drain timeout) when `error` is None,
+    else the request's own (`CompletionOutput.error`: its grammar failed to compile)."""
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__(error or "the request was aborted by the server")
+        self.error = error
 
 
 @dataclass
@@ -51,7 +56,7 @@ class DeltaTracker:
         if key in self._done:
             return None
         if c.finish_reason == "abort":
-            raise RequestAborted()
+            raise RequestAborted(c.error)
         chars, tokens = self._chars.get(key, 0), self._tokens.get(key, 0)
         logprobs = c.logprobs[tokens:] if c.logprobs is not None else None
         self._chars[key], self._tokens[key] = len(c.text), len(c.token_ids)

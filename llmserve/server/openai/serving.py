@@ -69,8 +69,8 @@ async def respond(request: Request, reply: Reply, streams: list[RequestStream],
         outputs = await collect(request, streams)
     except ClientGone:
         return Response(status_code=499)
-    except RequestAborted:
-        raise aborted_response() from None
+    except RequestAborted as exc:
+        raise aborted_response(exc) from None
     return JSONResponse(reply.response(outputs))
 
 
@@ -97,8 +97,11 @@ async def _final(stream: RequestStream) -> RequestOutput:
     last = None
     async for out in stream:
         last = out
-    if last is None or any(c.finish_reason == "abort" for c in last.outputs):
+    if last is None:
         raise RequestAborted()
+    aborted = [c for c in last.outputs if c.finish_reason == "abort"]
+    if aborted:
+        raise RequestAborted(next((c.error for c in aborted if c.error), None))
     return last
 
 
@@ -152,8 +155,7 @@ def stream_error(exc: BaseException) -> dict:
     if isinstance(exc, EngineDeadError):
         return error_body(503, f"the engine is not available: {exc}", code="engine_unavailable")
     if isinstance(exc, RequestAborted):
-        return error_body(503, "the request was aborted by the server (shutting down)",
-                          code="request_aborted")
+        exc = aborted_response(exc)
     if isinstance(exc, APIError):
         return error_body(exc.status, exc.message, exc.param, exc.code)
     return error_body(500, "internal server error")
@@ -178,6 +180,10 @@ def sse_response(events: AsyncGenerator[str | ServerSentEvent, None],
     return EventSourceResponse(guarded(), sep="\n", ping=SSE_PING_SECONDS)
 
 
-def aborted_response() -> APIError:
+def aborted_response(exc: RequestAborted) -> APIError:
+    """The error of an aborted request: 400 when the request itself was at fault (its grammar
+    failed to compile or timed out), else 503 (the server is shutting down)."""
+    if exc.error:
+        return APIError(400, exc.error, code="invalid_grammar")
     return APIError(503, "the request was aborted by the server (shutting down)",
                     code="request_aborted")
