@@ -91,3 +91,35 @@ async def test_bad_constraints_are_invalid_argument(stub):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Chat(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
+async def test_a_grammar_that_fails_to_compile_is_invalid_argument_with_the_cause(model_dir):
+    """After admission (compiled off the step loop): unary and streamed calls both name it."""
+    engine = AsyncEngine.from_args(max_queued_requests=16, model=model_dir, dtype="float32",
+                                   num_kv_blocks=256, max_model_len=1024)
+
+    def refuse(spec):
+        raise ValueError("the backend refused this schema")
+
+    engine.engine.structured.backend.compile = refuse
+    server = await start_grpc_server(engine, 0, GrpcOptions())
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = GenerationStub(channel)
+    fmt = pb.ResponseFormat(type="json_schema", schema_name="pet", schema_json=json.dumps(PET))
+    request = pb.ChatRequest(messages=USER, sampling=pb.SamplingOptions(
+        max_tokens=20, response_format=fmt))
+    try:
+        for call in (stub.Chat(request), _drain(stub.ChatStream(request))):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "could not be compiled" in info.value.details()
+            assert "refused this schema" in info.value.details()
+    finally:
+        await channel.close()
+        await server.stop(0)
+        engine.shutdown()
+
+
+async def _drain(stream) -> list:
+    return [chunk async for chunk in stream]
