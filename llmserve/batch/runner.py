@@ -72,11 +72,15 @@ class BatchRunner:
         observers: objects with AsyncEngine observer hooks (`on_request_added`, `on_step`,
             `on_finished`), e.g. the trace recorder; each engine request's info carries
             `route="batch"`, the line's url as `endpoint` and its `custom_id`.
+        parsers: (tool-call parser, reasoning parser) names, as `serve`'s --tool-call-parser and
+            --reasoning-parser (None: the tool-call format detected from the chat template, and
+            no reasoning split).
     """
 
     def __init__(self, engine: LLMEngine, served_names: list[str] | None = None,
                  max_pending: int | None = None, use_tqdm: bool = True,
-                 observers: Sequence[Any] = ()) -> None:
+                 observers: Sequence[Any] = (),
+                 parsers: tuple[str | None, str | None] = (None, None)) -> None:
         if max_pending is not None and max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.engine = engine
@@ -84,6 +88,7 @@ class BatchRunner:
         self.max_pending = max_pending or max(1024, 4 * engine.config.scheduler.max_num_seqs)
         self.use_tqdm = use_tqdm
         self.observers = list(observers)
+        self.parsers = parsers
         self._inflight: dict[str, tuple[_Line, int]] = {}
         self._lines_inflight = 0
         self._next_id = 0
@@ -91,7 +96,7 @@ class BatchRunner:
     def prepare(self, lines: list[BatchLine]) -> list[Prepared | Failed]:
         """Validate and tokenize every line's body (before anything runs)."""
         view = ModelView.build(self.engine.tokenizer, self.served_names,
-                               self.engine.max_model_len)
+                               self.engine.max_model_len, *self.parsers)
         return [prepare(line, view) for line in lines]
 
     def run(self, lines: list[BatchLine], log: ResultLog,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from llmserve.commands.engine_args import add_engine_args, engine_kwargs
+from llmserve.commands.output_parsers import add_output_parser_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write one trace-ledger row per request (route 'batch') to PATH")
     p.add_argument("--pricing", default=None, metavar="FILE",
                    help="pricing file for the trace-ledger costs (needs --trace-db)")
+    add_output_parser_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         names = args.served_model_name or [engine.model_name]
         recorder = _trace_recorder(args, engine, names[0])
         runner = BatchRunner(engine, names, args.max_pending, use_tqdm=not args.no_progress,
-                             observers=[recorder] if recorder else [])
+                             observers=[recorder] if recorder else [],
+                             parsers=(args.tool_call_parser, args.reasoning_parser))
         try:
             summary = runner.run(lines, log, on_invalid=_report_invalid)
         finally:

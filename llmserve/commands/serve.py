@@ -7,6 +7,7 @@ import logging
 import os
 
 from llmserve.commands.engine_args import add_engine_args, engine_kwargs
+from llmserve.commands.output_parsers import add_output_parser_args
 from llmserve.observability.trace_options import add_trace_args
 from llmserve.server.openai.context import DEFAULT_MAX_BODY_BYTES
 
@@ -37,23 +38,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "model steps do not share one GIL; 'thread' keeps it in this process")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
-    _add_output_parser_args(p)
+    add_output_parser_args(p)
     add_engine_args(p)
     add_trace_args(p)  # trace ledger: --trace-db, --pricing, --log-prompts, --otlp-endpoint
     _add_batch_and_grpc_args(p)  # --batch-dir (Files + Batch API), --grpc-port
     p.set_defaults(func=run)
-
-
-def _add_output_parser_args(p: argparse.ArgumentParser) -> None:
-    from llmserve.server.openai.reasoning import REASONING_PARSERS
-    from llmserve.server.openai.tool_parsers import TOOL_PARSERS
-
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
-                   help="format of the model's tool calls, for requests with `tools` (default: "
-                        "detected from the chat template; without one, such requests get 400)")
-    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-                   help="split <think>...</think> reasoning into `reasoning_content`; tools and "
-                        "response_format then constrain only the answer after it")
 
 
 def _add_batch_and_grpc_args(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from batch_helpers import chat_line, completion_line, read_jsonl, write_jsonl
@@ -188,3 +189,24 @@ def test_a_line_whose_grammar_fails_to_compile_fails_alone(tmp_path, model_dir):
     assert all(by_id[f"ok{i}"]["status_code"] == 200 for i in range(3))
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_reasoning_parser_splits_thinking_out_of_batch_answers(tmp_path, model_dir):
+    """`llmserve batch --reasoning-parser qwen3`: a prompt that opens a think block gets the
+    model's text as `reasoning_content`, as `serve` would answer; without the flag it is content."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+    from tool_models import with_template
+
+    thinking = with_template(Path(model_dir), tmp_path / "thinking", opening="<think>\n")
+    src = write_jsonl(tmp_path / "in.jsonl", [chat_line("t", "why?", max_tokens=6,
+                                                        ignore_eos=True)])
+    bodies = {}
+    for flag in ([], ["--reasoning-parser", "qwen3"]):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        assert main(["batch", str(src), "-o", str(out), "--model", str(thinking), "--no-progress",
+                     *ENGINE, *flag]) == 0
+        (row,) = read_jsonl(out)
+        bodies[bool(flag)] = row["response"]["body"]["choices"][0]["message"]
+    plain, split = bodies[False], bodies[True]
+    assert plain["content"] and not plain.get("reasoning_content")
+    assert split["reasoning_content"] == plain["content"] and not split["content"]

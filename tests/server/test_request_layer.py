@@ -205,6 +205,30 @@ def test_reasoning_is_split_out_in_both_forms(thinking, step):
     assert "".join(d.get("content") or "" for d in deltas) == "The answer."
 
 
+@pytest.mark.parametrize("step", [1, 5])
+def test_a_prompt_that_leaves_think_open_starts_in_the_reasoning(checkpoint, tmp_path_factory,
+                                                                 step):
+    """Thinking-only templates (QwQ, Qwen3-Thinking) open <think> in the prompt: the model's
+    text up to its </think> is reasoning, although it never writes the opening tag."""
+    path = with_template(checkpoint, tmp_path_factory.mktemp("open") / "open", opening="<think>\n")
+    view = ModelView.build(Tokenizer.from_pretrained(path), ["m"], 4096, reasoning_parser="qwen3")
+    text = "Ponder a bit.\n</think>\n\nThe answer."
+    reply = _chat(view, stream=True).reply("id", 0)
+    message = reply.response([_output(text)])["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Ponder a bit.\n",
+                                                                  "The answer.")
+    deltas = [c["choices"][0]["delta"] for c in _stream(reply, text, step) if c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "Ponder a bit.\n"
+    assert "".join(d.get("content") or "" for d in deltas) == "The answer."
+
+
+def test_a_prompt_that_does_not_open_think_keeps_a_bare_close_as_content(thinking):
+    on, _ = thinking
+    text = "Plain answer </think> stays"
+    message = _chat(on).reply("id", 0).response([_output(text)])["choices"][0]["message"]
+    assert message["reasoning_content"] is None and message["content"] == text
+
+
 def test_batch_and_http_share_the_reply_for_tool_calls(hermes):
     from llmserve.batch.bodies import Prepared, prepare, response_body
     from llmserve.batch.lines import BatchLine

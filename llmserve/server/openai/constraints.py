@@ -7,6 +7,7 @@ parsers, and returns an `OutputPlan`. Everything it refuses is a ValueError nami
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,24 @@ def plan_output(req: SamplingFields, tokenizer: Tokenizer, tool_call_parser: str
             plan.reasoning_parser = parser_cls
             plan.keep_special_tokens |= _any_special(tokenizer, (THINK_START, THINK_END))
     return plan
+
+
+# Prompt tokens read to see whether a chat prompt leaves `<think>` open: the generation prompt
+# ends right after it.
+PROMPT_TAIL_TOKENS = 64
+
+
+def read_prompt_reasoning(plan: OutputPlan, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
+    """Make the plan's reasoning parser one for this prompt (`ReasoningParser.for_prompt`): a
+    template that leaves `<think>` open (thinking-only Qwen3 templates, QwQ) makes the completion
+    start inside the reasoning, which the model then closes without ever opening it."""
+    parser = plan.reasoning_parser
+    if parser is None:
+        return
+    tail = tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+    for_prompt = getattr(parser, "for_prompt", None)
+    if for_prompt is not None:
+        plan.reasoning_parser = functools.partial(for_prompt, tail)
 
 
 def after_reasoning(plan: OutputPlan, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:

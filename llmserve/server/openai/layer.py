@@ -15,7 +15,12 @@ from pydantic import ValidationError
 
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
-from llmserve.server.openai.constraints import OutputPlan, after_reasoning, plan_output
+from llmserve.server.openai.constraints import (
+    OutputPlan,
+    after_reasoning,
+    plan_output,
+    read_prompt_reasoning,
+)
 from llmserve.server.openai.deltas import DeltaTracker, RequestAborted
 from llmserve.server.openai.errors import APIError, model_not_found, validation_message
 from llmserve.server.openai.protocol import (
@@ -162,6 +167,7 @@ def _prepare_chat(req: ChatCompletionRequest, view: ModelView, model: str,
     _check_prompt_logprobs(req, False)
     prompt_ids = render_chat(tokenizer, req.messages, req.add_generation_prompt,
                              **plan.template_kwargs)
+    read_prompt_reasoning(plan, tokenizer, prompt_ids)
     after_reasoning(plan, tokenizer, prompt_ids)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, req.completion_limit, top, plan, req.prompt_logprobs)
