@@ -65,7 +65,7 @@ def test_the_error_bound_holds_for_the_bfloat16_gemm(prepacked, monkeypatch):
         g = gen(dim)
         weight = torch.randn(2000, dim, generator=g) * scale
         hidden = torch.randn(16, dim, generator=g).abs() * scale  # same signs: no cancellation
-        head = GreedyHead(weight, lambda h: F.linear(h, weight))
+        head = GreedyHead(weight, CountingLogits(weight))
         assert (head.packed is None) == (head.weight_bf16 is not None)
         approx = head.approx_logits(hidden.to(torch.bfloat16)).double()
         exact = hidden.double() @ weight.double().t()
