@@ -44,6 +44,17 @@ async def _wait(predicate, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _run_to_status(engine, store: BatchStore, batch: dict, worker: BatchWorker,
+                         status: str) -> None:
+    """Run the worker until the batch reaches `status`, then stop it and the engine."""
+    worker.start()
+    try:
+        await _wait(lambda: store.get_batch(batch["id"])["status"] == status)
+    finally:
+        await worker.stop()
+        engine.shutdown()
+
+
 def _output_ids(store: BatchStore, batch: dict) -> Counter:
     ids: Counter = Counter()
     for key in ("output_file_id", "error_file_id"):
@@ -109,12 +120,7 @@ async def test_cancel_mid_batch_keeps_finished_results_and_stops_the_rest(tmp_pa
 async def test_structurally_bad_input_fails_the_batch_with_line_numbers(tmp_path, model_dir):
     rows = [chat_line("a", "x"), chat_line("a", "y"), completion_line("b", "z")]
     engine, store, batch, worker = _setup(tmp_path, model_dir, rows)
-    worker.start()
-    try:
-        await _wait(lambda: store.get_batch(batch["id"])["status"] == "failed")
-    finally:
-        await worker.stop()
-        engine.shutdown()
+    await _run_to_status(engine, store, batch, worker, "failed")
     errors = store.get_batch(batch["id"])["errors"]["data"]
     assert [(e["line"], e["code"]) for e in errors] == [(2, "duplicate_custom_id"),
                                                         (3, "mismatched_url")]
@@ -133,12 +139,7 @@ async def test_a_line_whose_grammar_fails_to_compile_is_failed_not_rerun(tmp_pat
         raise ValueError("the backend refused this schema")
 
     engine.engine.structured.backend.compile = refuse
-    worker.start()
-    try:
-        await _wait(lambda: store.get_batch(batch["id"])["status"] == "completed")
-    finally:
-        await worker.stop()
-        engine.shutdown()
+    await _run_to_status(engine, store, batch, worker, "completed")
     done = store.get_batch(batch["id"])
     assert done["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
     assert len(compiles) == 1  # run once, never queued again
