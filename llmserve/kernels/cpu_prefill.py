@@ -90,7 +90,8 @@ def causal_attention(
     sequence's rows `starts[i] .. starts[i] + lens[i]` of q over the same rows of k and v.
     The caller checks `accepts(q, k, v)` first; other rows of `out` are left as they are."""
     kernels = _kernels()
-    _check_rows(out, q, starts, lens)
+    _check_out(out, q)
+    _check_spans(starts, lens, q.shape[0])
     status = kernels.causal(
         out.data_ptr(), q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
         q.shape[1], k.shape[1], q.shape[2], scale, starts.data_ptr(), lens.data_ptr(), len(lens),
@@ -108,14 +109,16 @@ class PagedChunks:
     lens: torch.Tensor  # [n] int64: its rows
     ctx: torch.Tensor  # [n] int64: cached positions before it
     tables: torch.Tensor  # [n, width] int64, contiguous: its block-table row
-    # The (blocks, block size) of the cache these were last checked against: layers share one
-    # cache shape, so the first layer checks and the others skip it.
-    checked_for: tuple[int, int] | None = None
+    # The (blocks, block size, q rows) these were last checked against: layers share one cache
+    # shape and one q, so the first layer checks and the others skip it.
+    checked_for: tuple[int, int, int] | None = None
 
-    def check(self, num_blocks: int, block_size: int) -> None:
-        """Raise ValueError unless every block a chunk reads is a block of such a cache."""
-        if self.checked_for == (num_blocks, block_size):
+    def check(self, num_blocks: int, block_size: int, rows: int) -> None:
+        """Raise ValueError unless every chunk lies within `rows` rows of q and every block it
+        reads is a block of such a cache."""
+        if self.checked_for == (num_blocks, block_size, rows):
             return
+        _check_spans(self.starts, self.lens, rows)
         n = len(self.lens)
         if self.ctx.shape != self.lens.shape or self.tables.dim() != 2 or self.tables.shape[0] != n:
             raise ValueError("ctx and tables must have one entry (row) per chunk")
@@ -128,7 +131,7 @@ class PagedChunks:
             read = self.tables[torch.arange(self.tables.shape[1])[None, :] < used[:, None]]
             if read.numel() and (int(read.min()) < 0 or int(read.max()) >= num_blocks):
                 raise ValueError(f"a block id is outside the cache's {num_blocks} blocks")
-        self.checked_for = (num_blocks, block_size)
+        self.checked_for = (num_blocks, block_size, rows)
 
 
 def chunks(starts: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor,
@@ -139,21 +142,11 @@ def chunks(starts: torch.Tensor, lens: torch.Tensor, ctx: torch.Tensor,
 
 
 def accepts_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether `paged_prefill_attention` takes these: fp32 CPU, [tokens, heads, head_dim] q with
-    each token's heads contiguous, contiguous [blocks, block_size, kv heads, head_dim] caches,
-    head_dim a multiple of 16, grouped heads."""
-    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu):
-        return False
-    if not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
-        return False
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        return False
-    d, kv_heads = q.shape[2], k_cache.shape[2]
-    return (
-        d % HEAD_DIM_MULTIPLE == 0 and k_cache.shape[3] == d and kv_heads > 0
-        and q.shape[1] % kv_heads == 0 and q.stride(2) == 1 and q.stride(1) == d
-        and k_cache.is_contiguous() and v_cache.is_contiguous()
-    )
+    """Whether `paged_prefill_attention` takes these: what the decode kernel takes
+    (`cpu_native.accepts`: fp32 CPU, contiguous [blocks, block_size, kv heads, head_dim] caches,
+    grouped heads), with each token's heads contiguous in q and head_dim a multiple of 16."""
+    return (cpu_native.accepts(q, k_cache, v_cache) and q.stride(1) == q.shape[2]
+            and q.shape[2] % HEAD_DIM_MULTIPLE == 0)
 
 
 def paged_prefill_attention(
@@ -166,9 +159,9 @@ def paged_prefill_attention(
     The caller checks `accepts_paged(q, k_cache, v_cache)` first; other rows of `out` are left
     as they are."""
     kernels = _kernels()
-    _check_rows(out, q, batch.starts, batch.lens)
+    _check_out(out, q)
     block_size = k_cache.shape[1]
-    batch.check(k_cache.shape[0], block_size)
+    batch.check(k_cache.shape[0], block_size, q.shape[0])
     status = kernels.paged(
         out.data_ptr(), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
         block_size, batch.tables.data_ptr(), batch.tables.stride(0), q.shape[1],
@@ -186,12 +179,16 @@ def _kernels() -> PrefillKernels:
     return kernels
 
 
-def _check_rows(out: torch.Tensor, q: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor
-                ) -> None:
+def _check_out(out: torch.Tensor, q: torch.Tensor) -> None:
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != torch.float32:
         raise ValueError(f"out must be contiguous float32 {tuple(q.shape)}")
+
+
+def _check_spans(starts: torch.Tensor, lens: torch.Tensor, rows: int) -> None:
+    """Raise ValueError unless sequence i's rows starts[i] .. starts[i] + lens[i] lie within
+    `rows` rows (host reads of two reductions: checked once per step where it can be)."""
     if (starts.dtype != torch.int64 or lens.dtype != torch.int64 or starts.shape != lens.shape
             or not starts.is_contiguous() or not lens.is_contiguous()):
         raise ValueError("starts and lens must be contiguous int64 tensors of one shape")
-    if len(lens) and (int(starts.min()) < 0 or int((starts + lens).max()) > q.shape[0]):
-        raise ValueError(f"a sequence runs past the {q.shape[0]} rows of q")
+    if len(lens) and (int(starts.min()) < 0 or int((starts + lens).max()) > rows):
+        raise ValueError(f"a sequence runs past the {rows} rows of q")

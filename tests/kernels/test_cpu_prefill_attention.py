@@ -236,6 +236,8 @@ def test_paged_chunks_refuse_blocks_outside_the_cache():
         run([6 + 4 * tables.shape[1]], [3], tables)
     with pytest.raises(ValueError, match="negative"):
         run([-1], [3], tables)
+    with pytest.raises(ValueError, match=f"runs past the {q.shape[0]} rows of q"):
+        run([6], [q.shape[0] - int(cu[0]) + 1], tables)  # one row more than q has
     assert not cpu_prefill.accepts_paged(q, k_cache.double(), v_cache.double())
     assert not cpu_prefill.accepts_paged(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2))
 

@@ -372,11 +372,11 @@ static int run(struct job a, int64_t num_seqs)
     kt_offset[0] = 0;
     for (int64_t i = 0; i < num_seqs; i++) {
         const int64_t len = a.lens[i];
-        if (len < 0 || (a.ctx && a.ctx[i] < 0)) {
+        if (len < 0 || context(&a, i) < 0) {
             free(kt_offset);
             return -1;
         }
-        kt_offset[i + 1] = kt_offset[i] + padded(len + (a.ctx ? a.ctx[i] : 0)) * num_kv_heads * head_dim;
+        kt_offset[i + 1] = kt_offset[i] + padded(len + context(&a, i)) * num_kv_heads * head_dim;
         items += (len + BQ - 1) / BQ * num_kv_heads;
     }
     const size_t kt_floats = (size_t)(kt_offset[num_seqs] > 0 ? kt_offset[num_seqs] : 1);
