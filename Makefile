@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 ARGS ?=
 
-.PHONY: install install-serve test test-async serve bench lint clean peer-vllm
+.PHONY: install install-serve test test-async serve bench lint clean peer-vllm peer-llama-cpp
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,24 @@ $(VLLM_STAMP):
 	touch $(VLLM_STAMP)
 
 peer-vllm: $(VLLM_STAMP)
+
+# Benchmark peer only, like vLLM above: llama.cpp through llama-cpp-python, built from source for
+# this CPU (about 10-15 minutes on 2 cores). The sources stay under $(LLAMA_VENV)/src because the
+# benchmark converts its checkpoint with their convert_hf_to_gguf.py.
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+LLAMA_CPP_PYTHON := 0.3.36
+
+$(LLAMA_STAMP):
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip download -q --no-deps --no-binary :all: 'llama-cpp-python==$(LLAMA_CPP_PYTHON)' -d $(LLAMA_VENV)/src
+	tar -xzf $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_VENV)/src
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF" \
+		$(LLAMA_VENV)/bin/python -m pip install -q $(LLAMA_VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python ok', llama_cpp.__version__)"
+	touch $(LLAMA_STAMP)
+
+peer-llama-cpp: $(LLAMA_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

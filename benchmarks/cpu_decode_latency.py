@@ -11,8 +11,14 @@ with the process CPU time beside each (with --threads 1 it is what a step costs 
 that other work shares: wall time then counts the waits for a core). Also the start-up time of a fresh process (engine built, fused forward on, one token generated)
 with a cold and then a warm native-kernel cache. Prints a table and JSON.
 
+With `--peers llama.cpp` (after `make peer-llama-cpp`), llama.cpp runs the same prompts in the
+same interleaved rounds, on the checkpoint converted to an f32 GGUF with an f32 KV cache and the
+same thread count, so that its figures and llmserve's come from the same hour of a shared
+machine; the JSON gives the ratios and how many leading greedy tokens agree.
+
     python benchmarks/cpu_decode_latency.py                  # 3 rounds
     python benchmarks/cpu_decode_latency.py --rounds 5 --threads 2 --json out.json
+    python benchmarks/cpu_decode_latency.py --rounds 5 --threads 2 --peers llama.cpp
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/peers
 
 SHAPE = dict(
     hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, vocab_size=32000, max_position_embeddings=2048,
 )
 MODES = ("eager", "fused")
+PEERS = ("llama.cpp",)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--skip-startup", action="store_true")
+    p.add_argument("--peers", default="", help=f"comma-separated peers to run beside llmserve: {', '.join(PEERS)}")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--startup-probe", default=None, help=argparse.SUPPRESS)  # child process mode
     return p.parse_args(argv)
@@ -95,6 +104,23 @@ def run_requests(engine, batch: list[list[int]], new_tokens: int, tag: str) -> d
             "decode_cpu_s": time.process_time() - min(first_cpu.values())}
 
 
+def peer_engines(args: argparse.Namespace) -> list[str]:
+    names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    return names
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def measure(args: argparse.Namespace, path: str) -> dict:
     import torch
 
@@ -108,34 +134,82 @@ def measure(args: argparse.Namespace, path: str) -> dict:
     vocab = int(model.config["vocab_size"])
     single = prompts(1, args.prompt_len, vocab, seed=1)
     multi = prompts(args.streams, args.prompt_len, vocab, seed=2)
+    peers = {}
+    if "llama.cpp" in peer_engines(args):
+        from peers.llama_cpp_engine import LlamaCppPeer
+
+        peers["llama.cpp"] = LlamaCppPeer(
+            path, threads=torch.get_num_threads(), n_seq_max=max(16, args.streams),
+            n_ctx=max(16, args.streams) * (args.prompt_len + args.new_tokens))
+    engines = [*MODES, *peers]
     for mode in MODES:  # warm both forwards (allocator, kernels built, code paths)
         optimize_for_cpu(model, eager=mode == "eager")
         run_requests(engine, single, 16, f"warm-{mode}")
     results: dict[str, dict[str, list[float]]] = {
         m: {"ms_per_token": [], "cpu_ms_per_token": [], "ttft_ms": [], "tok_s": [], "tok_per_cpu_s": []}
-        for m in MODES
+        for m in engines
     }
     tokens: dict[str, dict] = {}
-    for rnd in range(args.rounds):
-        order = MODES if rnd % 2 == 0 else MODES[::-1]  # alternate who goes first
-        for mode in order:
-            on = optimize_for_cpu(model, eager=mode == "eager")
-            assert on == (mode == "fused"), f"the fused forward did not switch {'on' if mode == 'fused' else 'off'}"
-            one = run_requests(engine, single, args.new_tokens, f"s-{mode}-{rnd}")
-            rid = next(iter(one["first"]))
-            decode = one["end"] - one["first"][rid]
-            results[mode]["ms_per_token"].append(1e3 * decode / (args.new_tokens - 1))
-            results[mode]["ttft_ms"].append(1e3 * one["first_token_s"])
-            results[mode]["cpu_ms_per_token"].append(1e3 * one["decode_cpu_s"] / (args.new_tokens - 1))
-            many = run_requests(engine, multi, args.new_tokens, f"m-{mode}-{rnd}")
-            results[mode]["tok_s"].append(many["tokens"] / many["elapsed_s"])
-            results[mode]["tok_per_cpu_s"].append(many["tokens"] / many["cpu_s"])
-            tokens[mode] = {"single": one["token_ids"][rid], "multi": sorted(many["token_ids"].items())}
-            tokens[mode]["multi"] = [t for _, t in tokens[mode]["multi"]]
-            print(f"round {rnd} {mode:5s}: {results[mode]['ms_per_token'][-1]:.3f} ms/token, "
-                  f"{results[mode]['tok_s'][-1]:.0f} tok/s x{args.streams}", file=sys.stderr)
+    try:
+        for rnd in range(args.rounds):
+            order = engines if rnd % 2 == 0 else engines[::-1]  # alternate who goes first
+            for name in order:
+                if name in peers:
+                    one, many = peer_round(peers[name], single, multi, args.new_tokens)
+                else:
+                    one, many = llmserve_round(engine, model, name, single, multi, args.new_tokens, rnd)
+                for key, value in {**one["figures"], **many["figures"]}.items():
+                    results[name][key].append(value)
+                tokens[name] = {"single": one["tokens"][0], "multi": many["tokens"]}
+                print(f"round {rnd} {name:9s}: {results[name]['ms_per_token'][-1]:.3f} ms/token, "
+                      f"{results[name]['tok_s'][-1]:.0f} tok/s x{args.streams}", file=sys.stderr)
+    finally:
+        for peer in peers.values():
+            peer.close()
     same = tokens["eager"] == tokens["fused"]
-    return {"results": results, "same_tokens": same, "threads": torch.get_num_threads()}
+    agreement = {}
+    for name in peers:
+        ours, theirs = tokens["fused"], tokens[name]
+        prefixes = [common_prefix(a, b) for a, b in zip([ours["single"], *ours["multi"]],
+                                                         [theirs["single"], *theirs["multi"]])]
+        agreement[name] = {"identical_sequences": sum(p == args.new_tokens for p in prefixes),
+                           "sequences": len(prefixes), "min_common_prefix": min(prefixes),
+                           "median_common_prefix": statistics.median(prefixes)}
+    return {"results": results, "same_tokens": same, "threads": torch.get_num_threads(),
+            "peers": {name: {**peer.info, "idle_cpu_s": peer.idle_cpu_s, "tokens": agreement[name]}
+                      for name, peer in peers.items()}}
+
+
+def llmserve_round(engine, model, mode: str, single, multi, new_tokens: int, rnd: int) -> tuple[dict, dict]:
+    from llmserve.models.cpu_fast_path import optimize_for_cpu
+
+    on = optimize_for_cpu(model, eager=mode == "eager")
+    assert on == (mode == "fused"), f"the fused forward did not switch {'on' if mode == 'fused' else 'off'}"
+    one = run_requests(engine, single, new_tokens, f"s-{mode}-{rnd}")
+    rid = next(iter(one["first"]))
+    decode = one["end"] - one["first"][rid]
+    many = run_requests(engine, multi, new_tokens, f"m-{mode}-{rnd}")
+    order = sorted(many["token_ids"], key=lambda r: int(r.rsplit("-", 1)[1]))
+    return ({"figures": {"ms_per_token": 1e3 * decode / (new_tokens - 1),
+                         "ttft_ms": 1e3 * one["first_token_s"],
+                         "cpu_ms_per_token": 1e3 * one["decode_cpu_s"] / (new_tokens - 1)},
+             "tokens": [one["token_ids"][rid]]},
+            {"figures": {"tok_s": many["tokens"] / many["elapsed_s"],
+                         "tok_per_cpu_s": many["tokens"] / many["cpu_s"]},
+             "tokens": [many["token_ids"][r] for r in order]})
+
+
+def peer_round(peer, single, multi, new_tokens: int) -> tuple[dict, dict]:
+    one = peer.run(single, new_tokens)
+    many = peer.run(multi, new_tokens)
+    tokens = sum(len(t) for t in many["token_ids"])
+    assert tokens == len(multi) * new_tokens, f"peer: {tokens} tokens, expected {len(multi) * new_tokens}"
+    return ({"figures": {"ms_per_token": 1e3 * one["decode_s"] / (new_tokens - 1),
+                         "ttft_ms": 1e3 * one["first_token_s"],
+                         "cpu_ms_per_token": 1e3 * one["decode_cpu_s"] / (new_tokens - 1)},
+             "tokens": one["token_ids"]},
+            {"figures": {"tok_s": tokens / many["elapsed_s"], "tok_per_cpu_s": tokens / many["cpu_s"]},
+             "tokens": many["token_ids"]})
 
 
 def startup_probe(path: str) -> None:
@@ -167,7 +241,14 @@ def startup(path: str) -> dict:
 
 def summarize(measured: dict, start: dict | None, args: argparse.Namespace) -> dict:
     res = measured["results"]
-    med = {m: {k: statistics.median(v) for k, v in res[m].items()} for m in MODES}
+    med = {m: {k: statistics.median(v) for k, v in res[m].items()} for m in res}
+    # Per-round ratios too: the rounds are interleaved, so each pair shares its minute.
+    vs_peers = {name: {
+        "single_ms_ratio_peer_over_fused": med[name]["ms_per_token"] / med["fused"]["ms_per_token"],
+        "multi_tok_s_ratio_fused_over_peer": med["fused"]["tok_s"] / med[name]["tok_s"],
+        "single_ms_ratio_per_round": [p / f for p, f in zip(res[name]["ms_per_token"], res["fused"]["ms_per_token"])],
+        "multi_tok_s_ratio_per_round": [f / p for p, f in zip(res[name]["tok_s"], res["fused"]["tok_s"])],
+    } for name in measured["peers"]}
     return {
         "shape": SHAPE if not args.model else {"model": args.model},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "streams": args.streams,
@@ -177,6 +258,7 @@ def summarize(measured: dict, start: dict | None, args: argparse.Namespace) -> d
         "speedup_single_cpu": med["eager"]["cpu_ms_per_token"] / med["fused"]["cpu_ms_per_token"],
         "speedup_multi": med["fused"]["tok_s"] / med["eager"]["tok_s"],
         "startup": start,
+        "peers": measured["peers"], "vs_peers": vs_peers,
     }
 
 
@@ -184,15 +266,20 @@ def print_table(summary: dict) -> None:
     med, allr = summary["median"], summary["all"]
     print(f"\nsmall-model CPU decode ({summary['threads']} threads, {summary['rounds']} interleaved rounds, "
           f"medians [min-max], load avg {summary['load_avg'][0]:.1f})")
-    print(f"{'forward':8s} {'1-stream ms/token':>26s} {'(CPU ms)':>9s} {'TTFT ms':>9s} "
+    print(f"{'forward':9s} {'1-stream ms/token':>26s} {'(CPU ms)':>9s} {'TTFT ms':>9s} "
           f"{summary['streams']:>4d}-stream tok/s {'(per CPU s)':>12s}")
-    for m in MODES:
+    for m in allr:
         r = allr[m]
-        print(f"{m:8s} {med[m]['ms_per_token']:9.3f} [{min(r['ms_per_token']):.3f}-{max(r['ms_per_token']):.3f}]"
+        print(f"{m:9s} {med[m]['ms_per_token']:9.3f} [{min(r['ms_per_token']):.3f}-{max(r['ms_per_token']):.3f}]"
               f" {med[m]['cpu_ms_per_token']:9.3f} {med[m]['ttft_ms']:9.1f}   "
               f"{med[m]['tok_s']:6.0f} [{min(r['tok_s']):.0f}-{max(r['tok_s']):.0f}] {med[m]['tok_per_cpu_s']:12.0f}")
     print(f"fused vs eager: {summary['speedup_single']:.2f}x single stream, {summary['speedup_multi']:.2f}x "
           f"{summary['streams']} streams; same greedy tokens: {summary['same_tokens_eager_vs_fused']}")
+    for name, v in summary["vs_peers"].items():
+        agree = summary["peers"][name]["tokens"]
+        print(f"vs {name}: its ms/token / ours {v['single_ms_ratio_peer_over_fused']:.2f}x, our {summary['streams']}-stream "
+              f"tok/s / its {v['multi_tok_s_ratio_fused_over_peer']:.2f}x; identical greedy sequences "
+              f"{agree['identical_sequences']}/{agree['sequences']} (shortest common prefix {agree['min_common_prefix']})")
     if summary["startup"]:
         for label, s in summary["startup"].items():
             print(f"start-up, {label} kernel cache: {s['process_s']:.1f} s process ({s['engine_s']:.1f} s engine)")

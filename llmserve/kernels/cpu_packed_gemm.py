@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 BUDGET_ENV = "LLMSERVE_CPU_PACKED_WEIGHTS_MB"
 DEFAULT_BUDGET_MB = 1024
 MAX_ROWS = 512  # rows up to which the packed copy is faster (measured crossover 512-1024)
+MIN_ROWS = 4  # rows from which it is (see `linear`)
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 
 
@@ -133,8 +134,16 @@ class PackedLinear:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedLinear | None) -> torch.Tensor:
-    """The packed multiply for up to `MAX_ROWS` float32 rows when there is a packed copy, else
-    F.linear."""
-    if packed is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype == torch.float32:
+    """The packed multiply for `MIN_ROWS` to `MAX_ROWS` float32 rows when there is a packed copy,
+    else F.linear.
+
+    Below 4 rows MKL's plain call is a GEMV over the plain weight, which is ~2.7x smaller than
+    the packed copy and so stays in cache better: measured in whole 256-token runs of the small
+    Qwen3 (2 cores, rounds alternated), decode steps of 1 sequence took 2.00 ms against 2.21,
+    of 2 sequences 2.11 against 2.29, of 3 sequences 2.28 against 2.56. From 4 rows on the packed
+    copy wins: 2.44 against 3.17 ms at 4 sequences, 2.66 against 2.72 at 8, 3.76 against 4.09 at
+    16."""
+    if (packed is not None and x.dim() == 2 and MIN_ROWS <= x.shape[0] <= MAX_ROWS
+            and x.dtype == torch.float32):
         return packed(x)
     return F.linear(x, weight, bias)

@@ -179,6 +179,4 @@ class LlamaForCausalLM(nn.Module):
         """The argmax of `compute_logits(hidden)` per row (int64) when the LM head can find it
         faster without computing every logit (CPU, `cpu_greedy`); None otherwise."""
         greedy = self.lm_head.greedy
-        if greedy is None or hidden.shape[0] < greedy.min_rows:
-            return None
-        return greedy(hidden)
+        return None if greedy is None else greedy(hidden)

@@ -55,9 +55,8 @@ def tokens(llm: LLM, batch, **params) -> list[list[int]]:
     {"num_kv_blocks": 24, "block_size": 16},  # preemptions
     {"max_num_batched_tokens": 48, "enable_prefix_caching": False},  # chunked prefill
 ], ids=["plain", "preemption", "chunked"])
-def test_screened_greedy_matches_transformers(qwen3, screen_calls, monkeypatch, engine_args):
+def test_screened_greedy_matches_transformers(qwen3, screen_calls, engine_args):
     path, batch, expected = qwen3
-    monkeypatch.setattr(cpu_greedy.GreedyHead, "min_rows", 1)  # every step, however small
     llm = LLM(path, dtype="float32", **engine_args)
     assert llm.engine.runner.model.lm_head.greedy is not None
     assert tokens(llm, batch) == expected
@@ -92,14 +91,6 @@ def test_a_mixed_batch_takes_the_logits_path(qwen3, screen_calls):
                         use_tqdm=False)
     assert screen_calls["rows"] == 0
     assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == [expected[0], expected[2]]
-
-
-def test_small_batches_keep_the_float32_head(qwen3, screen_calls):
-    path, batch, expected = qwen3
-    llm = LLM(path, dtype="float32")
-    small = cpu_greedy.MIN_ROWS - 1
-    assert tokens(llm, batch[:small]) == expected[:small]
-    assert screen_calls["rows"] == 0
 
 
 def test_switch_off_keeps_the_float32_head(qwen3, screen_calls, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmserve.kernels import cpu_packed_gemm
-from llmserve.kernels.cpu_packed_gemm import MAX_ROWS, PackedLinear
+from llmserve.kernels.cpu_packed_gemm import MAX_ROWS, MIN_ROWS, PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu_packed_gemm.available(), reason="torch without MKL")
 
@@ -44,14 +44,17 @@ def test_packed_linear_reads_strided_rows_and_keeps_its_own_copy():
     torch.testing.assert_close(packed(wide[:, 8:40:1].t().contiguous().t()), want, rtol=1e-6, atol=1e-6)
 
 
-def test_linear_uses_the_packed_copy_only_up_to_max_rows():
+def test_linear_uses_the_packed_copy_only_from_min_to_max_rows():
     g = gen(2)
     weight = torch.randn(16, 8, generator=g)
     packed = PackedLinear(torch.zeros(16, 8))  # deliberately not this weight's packing
-    small, large = torch.randn(MAX_ROWS, 8, generator=g), torch.randn(MAX_ROWS + 1, 8, generator=g)
-    assert torch.equal(cpu_packed_gemm.linear(small, weight, None, packed), torch.zeros(MAX_ROWS, 16))
-    assert torch.equal(cpu_packed_gemm.linear(large, weight, None, packed), F.linear(large, weight))
-    assert torch.equal(cpu_packed_gemm.linear(small, weight, None, None), F.linear(small, weight))
+    for rows in (MIN_ROWS, MAX_ROWS):
+        x = torch.randn(rows, 8, generator=g)
+        assert torch.equal(cpu_packed_gemm.linear(x, weight, None, packed), torch.zeros(rows, 16))
+        assert torch.equal(cpu_packed_gemm.linear(x, weight, None, None), F.linear(x, weight))
+    for rows in (1, MIN_ROWS - 1, MAX_ROWS + 1):  # a GEMV over the plain weight; large calls
+        x = torch.randn(rows, 8, generator=g)
+        assert torch.equal(cpu_packed_gemm.linear(x, weight, None, packed), F.linear(x, weight))
 
 
 def test_bad_weights_and_inputs_raise():
