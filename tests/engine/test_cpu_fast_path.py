@@ -143,8 +143,9 @@ def test_decode_gemms_use_packed_weights_within_the_budget(checkpoint_factory, m
 
 
 def test_mlp_in_row_slices_gives_the_same_tokens(checkpoint_factory, monkeypatch):
-    """Prefill steps longer than MLP_CHUNK_ROWS run the MLP slice by slice: with slices of 16
-    rows every prompt of the batch is split, and tokens and logprobs stay those of one slice."""
+    """Prefill steps longer than MLP_CHUNK_ROWS run o_proj, the norm and the MLP slice by slice:
+    with slices of 16 rows every prompt of the batch is split, and tokens and logprobs stay those
+    of one slice."""
     path = checkpoint_factory("qwen3", head_dim=32)
     batch = prompts(vocab=400)
     whole = generate(fast_llm(path), batch)
