@@ -56,7 +56,7 @@ class LlamaCppPeer:
     """llama.cpp decoding greedily in a subprocess, paused between its rounds."""
 
     def __init__(self, checkpoint: str, threads: int, n_seq_max: int, n_ctx: int,
-                 kv_type: str = "f32") -> None:
+                 kv_type: str = "f32", flash_attn: str = "off") -> None:
         if not available():
             raise SystemExit(f"llama.cpp's virtualenv is missing ({venv_python()}); "
                              "run `make peer-llama-cpp` first")
@@ -64,7 +64,8 @@ class LlamaCppPeer:
         self.log_path = Path(tempfile.gettempdir()) / f"latency-llama-cpp-{os.getpid()}.log"
         self._log = open(self.log_path, "w")
         cmd = [str(venv_python()), str(WORKER), "--gguf", str(self.gguf), "--threads", str(threads),
-               "--n-seq-max", str(n_seq_max), "--n-ctx", str(n_ctx), "--kv-type", kv_type]
+               "--n-seq-max", str(n_seq_max), "--n-ctx", str(n_ctx), "--kv-type", kv_type,
+               "--flash-attn", flash_attn]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         start = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -76,7 +77,7 @@ class LlamaCppPeer:
             raise
         self.info = {"startup_s": time.perf_counter() - start, "versions": ready["versions"],
                      "settings": {"threads": threads, "n_seq_max": n_seq_max, "n_ctx": n_ctx,
-                                  "kv_type": kv_type, "gguf": str(self.gguf)},
+                                  "kv_type": kv_type, "flash_attn": flash_attn, "gguf": str(self.gguf)},
                      "log": str(self.log_path)}
         self.idle_cpu_s = 0.0
         self._pause()

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-batch", type=int, default=2048)
     p.add_argument("--kv-type", choices=("f32", "f16"), default="f32",
                    help="KV cache element type (f32 matches llmserve's fp32 cache and tokens)")
+    p.add_argument("--flash-attn", choices=("off", "on", "auto"), default="off",
+                   help="llama.cpp's flash attention; its CPU kernel rounds through f16 (with it "
+                        "on, greedy tokens left transformers' within a few tokens), so off keeps "
+                        "the comparison fp32 like for like")
     return p.parse_args(argv)
 
 
@@ -59,6 +63,9 @@ class Worker:
         kv = L.GGML_TYPE_F32 if args.kv_type == "f32" else L.GGML_TYPE_F16
         cparams.type_k = kv
         cparams.type_v = kv
+        cparams.flash_attn_type = {"off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                   "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO}[args.flash_attn]
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             raise SystemExit("llama.cpp could not create its context")
