@@ -142,14 +142,14 @@ def test_decode_gemms_use_packed_weights_within_the_budget(checkpoint_factory, m
         assert la == pytest.approx(lb, abs=1e-5)
 
 
-def test_mlp_in_row_slices_gives_the_same_tokens(checkpoint_factory, monkeypatch):
-    """Prefill steps longer than MLP_CHUNK_ROWS run o_proj, the norm and the MLP slice by slice:
-    with slices of 16 rows every prompt of the batch is split, and tokens and logprobs stay those
-    of one slice."""
+def test_layers_in_row_slices_give_the_same_tokens(checkpoint_factory, monkeypatch):
+    """Prefill steps longer than SLICE_ROWS run the input norm, qkv and rotary, then o_proj, the
+    norm and the MLP slice by slice: with slices of 16 rows every prompt of the batch is split,
+    and tokens and logprobs stay those of one slice."""
     path = checkpoint_factory("qwen3", head_dim=32)
     batch = prompts(vocab=400)
     whole = generate(fast_llm(path), batch)
-    monkeypatch.setattr(cpu_fast_path, "MLP_CHUNK_ROWS", 16)
+    monkeypatch.setattr(cpu_fast_path, "SLICE_ROWS", 16)
     sliced = generate(fast_llm(path), batch)
     for a, b in zip(whole, sliced):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
