@@ -12,9 +12,10 @@ that other work shares: wall time then counts the waits for a core). Also the st
 with a cold and then a warm native-kernel cache. Prints a table and JSON.
 
 With `--peers llama.cpp` (after `make peer-llama-cpp`), llama.cpp runs the same prompts in the
-same interleaved rounds, on the checkpoint converted to an f32 GGUF with an f32 KV cache and the
-same thread count, so that its figures and llmserve's come from the same hour of a shared
-machine; the JSON gives the ratios and how many leading greedy tokens agree.
+same interleaved rounds, on the checkpoint converted to an f32 GGUF, with an f32 KV cache, its
+flash attention off (its CPU kernel rounds through f16) and the same thread count, so that its
+figures and llmserve's come from the same hour of a shared machine; the JSON gives the ratios and
+how many leading greedy tokens agree.
 
     python benchmarks/cpu_decode_latency.py                  # 3 rounds
     python benchmarks/cpu_decode_latency.py --rounds 5 --threads 2 --json out.json
