@@ -62,7 +62,7 @@ $(VLLM_STAMP):
 peer-vllm: $(VLLM_STAMP)
 
 # Benchmark peer only, like vLLM above: llama.cpp through llama-cpp-python, built from source for
-# this CPU (about 10-15 minutes on 2 cores). The sources stay under $(LLAMA_VENV)/src because the
+# this CPU (6 minutes on 2 cores). The sources stay under $(LLAMA_VENV)/src because the
 # benchmark converts its checkpoint with their convert_hf_to_gguf.py.
 LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
