@@ -31,9 +31,9 @@ SOURCE = Path(__file__).with_name("cpu") / "decode_forward.c"
 ENV_SWITCH = "LLMSERVE_CPU_DECODE_DRIVER"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _ERRORS = {
-    -10: (IndexError, "an input token id is outside the embedding"),
-    -11: (IndexError, "a position is beyond the rotary cache"),
-    -12: (IndexError, "a slot is outside the paged cache"),
+    -10: "an input token id is outside the embedding",
+    -11: "a position is beyond the rotary cache",
+    -12: "a slot is outside the paged cache",
 }
 
 
@@ -159,7 +159,8 @@ class DecodeForward:
         step = _Step(rows, input_ids.data_ptr(), positions.data_ptr(), slots.data_ptr(), table,
                      elem, width, lens, row_index, self._scratch.data_ptr(), out.data_ptr())
         status = self.fn(ctypes.byref(self.model), ctypes.byref(step))
-        if status:
-            exc, message = _ERRORS.get(status, (IndexError, f"native paged decode: {cpu_native._ERRORS.get(status, status)}"))
-            raise exc(message)
+        if status in _ERRORS:
+            raise IndexError(_ERRORS[status])
+        if status:  # the attention kernel's own status
+            raise cpu_native.decode_error(status)
         return out

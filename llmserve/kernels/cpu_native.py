@@ -224,6 +224,11 @@ class DecodeBatch:
         return cls(tables, lens, rows, load(), args, window)
 
 
+def decode_error(status: int) -> IndexError:
+    """The error for a nonzero status of the decode kernel (also returned by the decode driver)."""
+    return IndexError(f"native paged decode: {_ERRORS.get(status, status)}")
+
+
 def accepts(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors: fp32 on CPU, contiguous caches, unit-stride heads.
     (Checked per layer, so written with the cheapest tensor attributes.)"""
@@ -256,4 +261,4 @@ def paged_decode(
         v_cache.data_ptr(), nb, bs, q.shape[1], kvh, hd, scale, *batch.step_args,
     )
     if status:
-        raise IndexError(f"native paged decode: {_ERRORS.get(status, status)}")
+        raise decode_error(status)
