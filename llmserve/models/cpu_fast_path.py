@@ -23,6 +23,7 @@ available through `eager=True` (the engine's `enforce_eager`) or LLMSERVE_CPU_FA
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,7 @@ linear = cpu_packed_gemm.linear
 ENV_SWITCH = "LLMSERVE_CPU_FAST_PATH"
 # The layer GEMMs with MKL-packed copies (`_Layer.<name>_p`), largest first (`pack_weights`).
 PACKED_GEMMS = ("gate_up", "down", "qkv", "o")
-# Rows per slice of a prefill step's layer work outside attention (`FusedCPUForward._qkv` and
-# `_post_attention`).
+# Rows per slice of a prefill step's layer work outside attention (`_in_slices`).
 SLICE_ROWS = 1024
 
 
@@ -129,19 +129,11 @@ class FusedCPUForward:
              pos: torch.Tensor) -> torch.Tensor:
         """The fused q/k/v rows of `layer`, q/k norm and rotary applied, from norm(hidden +
         residual) (the sum going into `residual` in place; the first layer norms the residual
-        alone, `hidden` None), in slices of SLICE_ROWS rows as `_post_attention` runs its part:
-        8,192-token prefill steps 292 -> 285 ms (median of 16, alternated step by step)."""
-        rows = residual.shape[0]
-        if rows <= SLICE_ROWS:
-            return self._qkv_rows(hidden, residual, layer, pos)
-        qkv = torch.empty(rows, layer.qkv_w.shape[0], dtype=torch.float32)
-        for start in range(0, rows, SLICE_ROWS):
-            end = start + SLICE_ROWS
-            qkv[start:end] = self._qkv_rows(None if hidden is None else hidden[start:end],
-                                            residual[start:end], layer, pos[start:end])
-        return qkv
+        alone, `hidden` None), in slices (`_in_slices`): 8,192-token prefill steps 292 -> 285 ms
+        (median of 16, alternated step by step)."""
+        return _in_slices(self._qkv_rows, layer, layer.qkv_w.shape[0], hidden, residual, pos)
 
-    def _qkv_rows(self, hidden: torch.Tensor | None, residual: torch.Tensor, layer: _Layer,
+    def _qkv_rows(self, layer: _Layer, hidden: torch.Tensor | None, residual: torch.Tensor,
                   pos: torch.Tensor) -> torch.Tensor:
         h = self._norm(residual if hidden is None else hidden,
                        None if hidden is None else residual, layer.in_norm)
@@ -159,21 +151,14 @@ class FusedCPUForward:
     def _post_attention(self, attn: torch.Tensor, residual: torch.Tensor, layer: _Layer
                         ) -> torch.Tensor:
         """down(SiLU(gate) * up) of norm(o_proj(attn) + residual), the sum going into `residual`
-        in place, in slices of SLICE_ROWS rows: a prefill step's gate/up output (64 MiB at
-        8,192 rows and width 2,048) and the norm's operands then stay in cache from one op to
-        the next. Measured on 2 cores: 55 -> 50 ms per MLP alone with the MLP sliced; slicing
-        o_proj and the norm with it took prefill steps of 8,192 tokens from 321 to 313 ms
-        (median of 16, alternated step by step)."""
-        rows = attn.shape[0]
-        if rows <= SLICE_ROWS:
-            return self._post_attention_rows(attn, residual, layer)
-        out = torch.empty(rows, layer.down_w.shape[0], dtype=torch.float32)
-        for start in range(0, rows, SLICE_ROWS):
-            end = start + SLICE_ROWS
-            out[start:end] = self._post_attention_rows(attn[start:end], residual[start:end], layer)
-        return out
+        in place, in slices (`_in_slices`): a prefill step's gate/up output (64 MiB at 8,192
+        rows and width 2,048) and the norm's operands then stay in cache from one op to the
+        next. Measured on 2 cores: 55 -> 50 ms per MLP alone with the MLP sliced; slicing o_proj
+        and the norm with it took prefill steps of 8,192 tokens from 321 to 313 ms (median of
+        16, alternated step by step)."""
+        return _in_slices(self._post_attention_rows, layer, layer.down_w.shape[0], attn, residual)
 
-    def _post_attention_rows(self, attn: torch.Tensor, residual: torch.Tensor, layer: _Layer
+    def _post_attention_rows(self, layer: _Layer, attn: torch.Tensor, residual: torch.Tensor
                              ) -> torch.Tensor:
         h = self._norm(linear(attn, layer.o_w, layer.o_b, layer.o_p), residual, layer.post_norm)
         rows = h.shape[0]
@@ -259,6 +244,21 @@ class FusedCPUForward:
             qkv=(layer.qkv_w, layer.qkv_p, layer.qkv_b), o=(layer.o_w, layer.o_p, layer.o_b),
             gate_up=(layer.gate_up_w, layer.gate_up_p, layer.gate_up_b),
             down=(layer.down_w, layer.down_p, layer.down_b))
+
+
+def _in_slices(fn: Callable[..., torch.Tensor], layer: _Layer, width: int,
+               *rows: torch.Tensor | None) -> torch.Tensor:
+    """fn(layer, *rows), each of `rows` (row-aligned tensors, or None) cut into the same slices
+    of SLICE_ROWS rows, the slices' [n, width] results written into one output. Views, so work
+    that fn does in place on a slice (the residual's sums) lands in the whole tensor."""
+    total = next(r for r in rows if r is not None).shape[0]
+    if total <= SLICE_ROWS:
+        return fn(layer, *rows)
+    out = torch.empty(total, width, dtype=torch.float32)
+    for start in range(0, total, SLICE_ROWS):
+        end = start + SLICE_ROWS
+        out[start:end] = fn(layer, *(None if r is None else r[start:end] for r in rows))
+    return out
 
 
 def long_lived_tensors(model: nn.Module) -> list[torch.Tensor]:
