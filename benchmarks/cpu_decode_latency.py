@@ -156,12 +156,13 @@ def measure(args: argparse.Namespace, path: str) -> dict:
             order = engines if rnd % 2 == 0 else engines[::-1]  # alternate who goes first
             for name in order:
                 if name in peers:
-                    one, many = peer_round(peers[name], single, multi, args.new_tokens)
+                    figures, one, many = peer_round(peers[name], single, multi, args.new_tokens)
                 else:
-                    one, many = llmserve_round(engine, model, name, single, multi, args.new_tokens, rnd)
-                for key, value in {**one["figures"], **many["figures"]}.items():
+                    figures, one, many = llmserve_round(engine, model, name, single, multi,
+                                                        args.new_tokens, rnd)
+                for key, value in figures.items():
                     results[name][key].append(value)
-                tokens[name] = {"single": one["tokens"][0], "multi": many["tokens"]}
+                tokens[name] = {"single": one, "multi": many}
                 print(f"round {rnd} {name:9s}: {results[name]['ms_per_token'][-1]:.3f} ms/token, "
                       f"{results[name]['tok_s'][-1]:.0f} tok/s x{args.streams}", file=sys.stderr)
     finally:
@@ -181,36 +182,40 @@ def measure(args: argparse.Namespace, path: str) -> dict:
                       for name, peer in peers.items()}}
 
 
-def llmserve_round(engine, model, mode: str, single, multi, new_tokens: int, rnd: int) -> tuple[dict, dict]:
+def round_figures(new_tokens: int, decode_s: float, decode_cpu_s: float, first_token_s: float,
+                  tokens: int, elapsed_s: float, cpu_s: float) -> dict[str, float]:
+    """One engine's figures of a round: the single stream's decode (after its first token) and
+    time to first token, the streams' output tok/s (prefill included)."""
+    return {"ms_per_token": 1e3 * decode_s / (new_tokens - 1), "ttft_ms": 1e3 * first_token_s,
+            "cpu_ms_per_token": 1e3 * decode_cpu_s / (new_tokens - 1),
+            "tok_s": tokens / elapsed_s, "tok_per_cpu_s": tokens / cpu_s}
+
+
+def llmserve_round(engine, model, mode: str, single, multi, new_tokens: int, rnd: int
+                   ) -> tuple[dict, list[int], list[list[int]]]:
+    """(figures, the single stream's tokens, each stream's tokens in prompt order)."""
     from llmserve.models.cpu_fast_path import optimize_for_cpu
 
     on = optimize_for_cpu(model, eager=mode == "eager")
     assert on == (mode == "fused"), f"the fused forward did not switch {'on' if mode == 'fused' else 'off'}"
     one = run_requests(engine, single, new_tokens, f"s-{mode}-{rnd}")
     rid = next(iter(one["first"]))
-    decode = one["end"] - one["first"][rid]
     many = run_requests(engine, multi, new_tokens, f"m-{mode}-{rnd}")
     order = sorted(many["token_ids"], key=lambda r: int(r.rsplit("-", 1)[1]))
-    return ({"figures": {"ms_per_token": 1e3 * decode / (new_tokens - 1),
-                         "ttft_ms": 1e3 * one["first_token_s"],
-                         "cpu_ms_per_token": 1e3 * one["decode_cpu_s"] / (new_tokens - 1)},
-             "tokens": [one["token_ids"][rid]]},
-            {"figures": {"tok_s": many["tokens"] / many["elapsed_s"],
-                         "tok_per_cpu_s": many["tokens"] / many["cpu_s"]},
-             "tokens": [many["token_ids"][r] for r in order]})
+    figures = round_figures(new_tokens, one["end"] - one["first"][rid], one["decode_cpu_s"],
+                            one["first_token_s"], many["tokens"], many["elapsed_s"], many["cpu_s"])
+    return figures, one["token_ids"][rid], [many["token_ids"][r] for r in order]
 
 
-def peer_round(peer, single, multi, new_tokens: int) -> tuple[dict, dict]:
+def peer_round(peer, single, multi, new_tokens: int) -> tuple[dict, list[int], list[list[int]]]:
+    """As `llmserve_round`, from the peer's worker."""
     one = peer.run(single, new_tokens)
     many = peer.run(multi, new_tokens)
     tokens = sum(len(t) for t in many["token_ids"])
     assert tokens == len(multi) * new_tokens, f"peer: {tokens} tokens, expected {len(multi) * new_tokens}"
-    return ({"figures": {"ms_per_token": 1e3 * one["decode_s"] / (new_tokens - 1),
-                         "ttft_ms": 1e3 * one["first_token_s"],
-                         "cpu_ms_per_token": 1e3 * one["decode_cpu_s"] / (new_tokens - 1)},
-             "tokens": one["token_ids"]},
-            {"figures": {"tok_s": tokens / many["elapsed_s"], "tok_per_cpu_s": tokens / many["cpu_s"]},
-             "tokens": many["token_ids"]})
+    figures = round_figures(new_tokens, one["decode_s"], one["decode_cpu_s"], one["first_token_s"],
+                            tokens, many["elapsed_s"], many["cpu_s"])
+    return figures, one["token_ids"][0], many["token_ids"]
 
 
 def startup_probe(path: str) -> None:
