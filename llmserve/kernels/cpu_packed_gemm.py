@@ -120,26 +120,40 @@ class PackedLinear:
                              weight.data_ptr(), self.k, self.buffer.data_ptr())
         self._compute = lib.cblas_sgemm_compute
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias), into `out` when given (see `linear`)."""
         if x.dim() != 2 or x.shape[1] != self.k or x.dtype != torch.float32 or not x.is_cpu:
             raise ValueError(f"expected float32 CPU rows of {self.k}, got {tuple(x.shape)} {x.dtype}")
         if x.stride(1) != 1 or x.stride(0) < self.k:
             x = x.contiguous()
         rows = x.shape[0]
-        out, beta = torch.empty(rows, self.n, dtype=torch.float32), 0.0
+        if out is None:
+            out = torch.empty(rows, self.n, dtype=torch.float32)
+        else:
+            _check_out(out, rows, self.n)
+        beta = 0.0
         if self.bias is not None:  # C = x W^T + C, C starting as the bias (never the bias itself)
             out.copy_(self.bias.expand(rows, self.n))
             beta = 1.0
         if rows:
             self._compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows, self.n, self.k, x.data_ptr(),
-                          x.stride(0), self.buffer.data_ptr(), self.n, beta, out.data_ptr(), self.n)
+                          x.stride(0), self.buffer.data_ptr(), self.n, beta, out.data_ptr(),
+                          out.stride(0))
         return out
 
 
+def _check_out(out: torch.Tensor, rows: int, n: int) -> None:
+    if (out.shape != (rows, n) or out.dtype != torch.float32 or not out.is_cpu
+            or out.stride(1) != 1 or out.stride(0) < n):
+        raise ValueError(f"out must be float32 CPU rows of shape {(rows, n)} with unit column "
+                         f"stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: PackedLinear | None) -> torch.Tensor:
+           packed: PackedLinear | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The packed multiply for `MIN_ROWS` to `MAX_ROWS` float32 rows when there is a packed copy,
-    else F.linear.
+    else F.linear; written into `out` ([rows, n] float32, unit column stride, e.g. a row slice
+    of a bigger output) when given, with the same bits, and returned.
 
     Below 4 rows MKL's plain call is a GEMV over the plain weight, which is ~2.7x smaller than
     the packed copy and so stays in cache better: measured in whole 256-token runs of the small
@@ -149,5 +163,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     16."""
     if (packed is not None and x.dim() == 2 and MIN_ROWS <= x.shape[0] <= MAX_ROWS
             and x.dtype == torch.float32):
-        return packed(x)
-    return F.linear(x, weight, bias)
+        return packed(x, out)
+    if out is None:
+        return F.linear(x, weight, bias)
+    # F.linear of 2-d rows is addmm (with a bias) or mm: the same calls, into `out`.
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)

@@ -57,6 +57,35 @@ def test_linear_uses_the_packed_copy_only_from_min_to_max_rows():
         assert torch.equal(cpu_packed_gemm.linear(x, weight, None, packed), F.linear(x, weight))
 
 
+@pytest.mark.parametrize("rows", [1, MIN_ROWS - 1, MIN_ROWS, 37, MAX_ROWS])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_packed", [False, True])
+def test_linear_into_rows_of_a_bigger_output_gives_the_same_bits(rows, with_bias, with_packed):
+    g = gen(rows + 7 * with_bias)
+    weight, x = torch.randn(48, 32, generator=g), torch.randn(rows, 32, generator=g)
+    bias = torch.randn(48, generator=g) if with_bias else None
+    packed = PackedLinear(weight, bias) if with_packed else None
+    want = cpu_packed_gemm.linear(x, weight, bias, packed)
+    whole = torch.full((rows + 5, 48), 7.0)
+    got = cpu_packed_gemm.linear(x, weight, bias, packed, out=whole[2:rows + 2])
+    assert got.data_ptr() == whole[2].data_ptr()
+    assert torch.equal(whole[2:rows + 2], want)
+    assert torch.equal(whole[:2], torch.full((2, 48), 7.0))  # rows around the slice untouched
+    assert torch.equal(whole[rows + 2:], torch.full((3, 48), 7.0))
+    wide = torch.full((rows, 60), 7.0)  # row stride 60: written through it
+    if with_packed and MIN_ROWS <= rows:
+        cpu_packed_gemm.linear(x, weight, bias, packed, out=wide[:, 4:52])
+        assert torch.equal(wide[:, 4:52], want) and torch.equal(wide[:, 52:], torch.full((rows, 8), 7.0))
+
+
+def test_packed_linear_rejects_an_out_of_the_wrong_shape():
+    packed = PackedLinear(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="out must be"):
+        packed(torch.zeros(2, 8), out=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="out must be"):
+        packed(torch.zeros(2, 8), out=torch.zeros(4, 2).t())
+
+
 def test_bad_weights_and_inputs_raise():
     with pytest.raises(ValueError, match="float32"):
         PackedLinear(torch.zeros(4, 4, dtype=torch.float64))

@@ -254,3 +254,16 @@ def test_native_kernels_switch_keeps_fresh_prefills_on_sdpa(monkeypatch):
     finally:
         monkeypatch.delenv(cpu_native.ENV_SWITCH)
         cpu_prefill.load.cache_clear()
+
+
+def test_a_nan_key_reaches_exactly_the_queries_that_see_it():
+    """A NaN key (in a full block of keys, whose softmax takes the unmasked path) makes NaN
+    every output that attends to it, as SDPA's do, and no other."""
+    tokens = 150
+    q, k, v = _qkv(tokens, 4, 2, 32, seed=5)
+    k[70, 1, 3] = float("nan")
+    out, _ = _run(q, k, v, [tokens], first=0, scale=0.2)
+    want = _sdpa(q, k, v, 0.2)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert out[70:, 2:].isnan().all() and not out[:70].isnan().any() and not out[:, :2].isnan().any()
+    torch.testing.assert_close(out[:70], want[:70], rtol=1e-4, atol=1e-5)
