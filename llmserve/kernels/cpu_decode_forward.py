@@ -4,7 +4,10 @@ The fused forward (`llmserve.models.cpu_fast_path`) walks the layers in Python, 
 torch call per op. For a step whose rows are all decodes, `DecodeForward` makes that walk one C
 call: the driver calls the same kernels (the fused element-wise ops, the paged decode attention,
 MKL's GEMMs as F.linear and `cpu_packed_gemm` reach them) in the same order, so the hidden states
-are bit-for-bit the Python walk's (measured gains: `models/cpu_fast_path.py`).
+are bit-for-bit the Python walk's (measured gains: `models/cpu_fast_path.py`). For other steps
+(prefills, mixed) it runs the parts of each layer before and after attention, each thread taking
+whole chunks of rows through them (`DecodeForward.qkv`, `.post_attention`), again with the walk's
+bits where the layer's GEMMs have MKL-packed copies.
 
 It needs the fused ops, the native decode kernel and MKL's `sgemm_` in torch (x86 builds of
 torch have it); `load()` returns None otherwise, or with LLMSERVE_CPU_DECODE_DRIVER=0, and the
@@ -34,6 +37,14 @@ _ERRORS = {
     -10: "an input token id is outside the embedding",
     -11: "a position is beyond the rotary cache",
     -12: "a slot is outside the paged cache",
+}
+_NO_MEMORY = -13
+_SIGNATURES = {
+    "llmserve_decode_forward_f32": ([_P, _P], ctypes.c_int),
+    # (model, layer, hidden or NULL, residual, positions, rows, chunk, qkv out)
+    "llmserve_rows_qkv_f32": ([_P, _I, _P, _P, _P, _I, _I, _P], ctypes.c_int),
+    # (model, layer, attention output, residual, rows, chunk, out)
+    "llmserve_rows_post_attention_f32": ([_P, _I, _P, _P, _I, _I, _P], ctypes.c_int),
 }
 
 
@@ -67,9 +78,18 @@ def _address(fn: Any) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
+@dataclass(frozen=True)
+class DriverFunctions:
+    """The driver's entry points (ctypes, argument types set)."""
+
+    decode: Any
+    rows_qkv: Any
+    rows_post_attention: Any
+
+
 @functools.cache
-def load() -> Any | None:
-    """The driver's ctypes function, or None when it cannot run here (reason logged once)."""
+def load() -> DriverFunctions | None:
+    """The driver's functions, or None when they cannot run here (reason logged once)."""
     if cpu_native.switched_off(ENV_SWITCH):
         logger.info("native decode driver disabled by %s", ENV_SWITCH)
         return None
@@ -78,9 +98,8 @@ def load() -> Any | None:
         logger.info("native decode driver needs MKL's sgemm_ in torch and the fused and decode "
                     "kernels; decode steps walk the layers in Python")
         return None
-    fns = cpu_native.load_functions(SOURCE, {"llmserve_decode_forward_f32": ([_P, _P], ctypes.c_int)},
-                                    "native decode driver")
-    return fns[0] if fns else None
+    fns = cpu_native.load_functions(SOURCE, _SIGNATURES, "native decode driver")
+    return DriverFunctions(*fns) if fns else None
 
 
 @dataclass
@@ -114,13 +133,15 @@ def _linear(spec: tuple[torch.Tensor, Any, torch.Tensor | None]) -> _Linear:
 
 
 class DecodeForward:
-    """One model's layers as the driver reads them; `__call__` runs a decode step."""
+    """One model's layers as the driver reads them: `__call__` runs a decode step; `qkv` and
+    `post_attention` run the parts of a prefill layer before and after attention, rows spread
+    over the threads in chunks (see decode_forward.c)."""
 
-    def __init__(self, fn: Any, embed: torch.Tensor, final_norm: torch.Tensor, eps: float,
+    def __init__(self, fns: DriverFunctions, embed: torch.Tensor, final_norm: torch.Tensor, eps: float,
                  heads: int, kv_heads: int, head_dim: int, layers: Sequence[LayerWeights]) -> None:
         ops, mkl = cpu_fused.load(), cpu_packed_gemm._mkl()
         nb, bs = layers[0].k_cache.shape[:2]
-        self.fn = fn
+        self.fns = fns
         self._tensors = layers  # the pointers below stay valid while these live
         self._layers = (_Layer * len(layers))(*[
             _Layer(lw.in_norm.data_ptr(), lw.post_norm.data_ptr(), _ptr(lw.q_norm), _ptr(lw.k_norm),
@@ -158,9 +179,55 @@ class DecodeForward:
         table, elem, width, lens, row_index, _, _ = batch.step_args
         step = _Step(rows, input_ids.data_ptr(), positions.data_ptr(), slots.data_ptr(), table,
                      elem, width, lens, row_index, self._scratch.data_ptr(), out.data_ptr())
-        status = self.fn(ctypes.byref(self.model), ctypes.byref(step))
+        status = self.fns.decode(ctypes.byref(self.model), ctypes.byref(step))
         if status in _ERRORS:
             raise IndexError(_ERRORS[status])
         if status:  # the attention kernel's own status
             raise cpu_native.decode_error(status)
         return out
+
+    def qkv(self, layer: int, hidden: torch.Tensor | None, residual: torch.Tensor,
+            positions: torch.Tensor, chunk: int) -> torch.Tensor:
+        """[rows, qkv width]: q/k norm and rotary applied to layer `layer`'s qkv projection of
+        norm(hidden + residual), the sum stored into `residual` (norm(residual) alone when
+        `hidden` is None). Contiguous float32 rows; `positions` contiguous int64."""
+        rows = residual.shape[0]
+        _check_rows(residual, rows, self.hidden)
+        if hidden is not None:
+            _check_rows(hidden, rows, self.hidden)
+        if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.shape != (rows,):
+            raise ValueError("positions must be contiguous int64, one per row")
+        out = torch.empty(rows, self.qkv_width, dtype=torch.float32)
+        status = self.fns.rows_qkv(ctypes.byref(self.model), layer, _ptr(hidden),
+                                   residual.data_ptr(), positions.data_ptr(), rows, chunk,
+                                   out.data_ptr())
+        _raise_for(status)
+        return out
+
+    def post_attention(self, layer: int, attn: torch.Tensor, residual: torch.Tensor,
+                       chunk: int) -> torch.Tensor:
+        """[rows, hidden]: down(SiLU(gate) * up) of norm(o_proj(attn) + residual) of layer
+        `layer`, the sum stored into `residual`. Contiguous float32 rows."""
+        rows = residual.shape[0]
+        _check_rows(residual, rows, self.hidden)
+        _check_rows(attn, rows, self.q_size)
+        out = torch.empty(rows, self.hidden, dtype=torch.float32)
+        status = self.fns.rows_post_attention(ctypes.byref(self.model), layer, attn.data_ptr(),
+                                              residual.data_ptr(), rows, chunk, out.data_ptr())
+        _raise_for(status)
+        return out
+
+
+def _check_rows(t: torch.Tensor, rows: int, width: int) -> None:
+    if t.shape != (rows, width) or t.dtype != torch.float32 or not t.is_contiguous():
+        raise ValueError(f"expected contiguous float32 rows of shape {(rows, width)}, got "
+                         f"{tuple(t.shape)} {t.dtype}")
+
+
+def _raise_for(status: int) -> None:
+    if status in _ERRORS:
+        raise IndexError(_ERRORS[status])
+    if status == _NO_MEMORY:
+        raise MemoryError("native prefill rows: scratch could not be allocated")
+    if status:
+        raise RuntimeError(f"native prefill rows: status {status}")

@@ -77,11 +77,11 @@ def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
         before = len(driver_calls)
         out = call(self, input_ids, positions)
         if len(driver_calls) > before:
-            fn, self._driver_fn = self._driver_fn, None
+            fns, self._driver_fns = self._driver_fns, None
             try:
                 walked = call(self, input_ids, positions)
             finally:
-                self._driver_fn = fn
+                self._driver_fns = fns
             assert torch.equal(out, walked), (arch, len(input_ids))
             checked.append(len(input_ids))
         return out
@@ -89,7 +89,7 @@ def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
     monkeypatch.setattr(FusedCPUForward, "__call__", comparing)
     name, overrides = ARCHS[arch]
     llm = LLM(checkpoint_factory(name, **overrides), dtype="float32")
-    assert fused(llm)._driver_fn is not None
+    assert fused(llm)._driver_fns is not None
     batch = make_prompts(vocab=400)
     for size in (1, 2, 3, 5, len(batch)):  # decode steps of each of these sizes
         generate(llm, batch[:size])
@@ -128,7 +128,7 @@ def test_steps_the_driver_cannot_take_walk_the_layers(checkpoint_factory, monkey
     monkeypatch.setenv(cpu_decode_forward.ENV_SWITCH, "0")
     cpu_decode_forward.load.cache_clear()
     off = LLM(path, dtype="float32")
-    assert fused(off)._driver_fn is None
+    assert fused(off)._driver_fns is None
     assert generate(off, batch) == expected
     assert not driver_calls
 

@@ -13,10 +13,14 @@
  *     transposed) or, from `min_packed_rows` to `max_packed_rows` rows, MKL's packed copy
  *     (`cblas_sgemm_compute`), as llmserve/kernels/cpu_packed_gemm.py chooses.
  *
+ * The same driver runs the row-parallel parts of prefill layers (`llmserve_rows_qkv_f32`,
+ * `llmserve_rows_post_attention_f32`, at the end of this file).
+ *
  * Returns 0 or a negative status (see `decode_forward.py`); the Python side raises the same errors
  * the per-op walk raises.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef void (*norm_fn)(float *out, int64_t out_stride, float *sum, int64_t sum_stride,
@@ -101,11 +105,14 @@ enum {
     BAD_TOKEN = -10,   /* an input id outside the embedding */
     BAD_POSITION = -11 /* a position outside the rotary cache */,
     BAD_SLOT = -12,    /* a slot outside the KV cache */
+    NO_MEMORY = -13,   /* scratch could not be allocated */
     /* the attention kernel's own statuses (-1..-3) pass through unchanged */
 };
 
-static void linear(const struct model *m, const struct linear *l, const float *x, int64_t ldx,
-                   int64_t rows, float *y)
+/* y = x W^T (+ bias) through MKL's packed copy when `packed` (and there is one), else as
+ * F.linear calls MKL. */
+static void linear_as(const struct model *m, const struct linear *l, const float *x, int64_t ldx,
+                      int64_t rows, float *y, int packed)
 {
     float beta = 0.0f;
     if (l->bias) { /* y = bias + x W^T, y starting as the bias, as torch's addmm does */
@@ -113,7 +120,7 @@ static void linear(const struct model *m, const struct linear *l, const float *x
             memcpy(y + r * l->n, l->bias, sizeof(float) * (size_t)l->n);
         beta = 1.0f;
     }
-    if (l->packed && m->sgemm_compute && rows >= m->min_packed_rows && rows <= m->max_packed_rows) {
+    if (packed && l->packed && m->sgemm_compute) {
         m->sgemm_compute(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_PACKED, (int)rows, (int)l->n,
                          (int)l->k, x, (int)ldx, l->packed, (int)l->n, beta, y, (int)l->n);
         return;
@@ -123,6 +130,13 @@ static void linear(const struct model *m, const struct linear *l, const float *x
     const int n = (int)l->n, r = (int)rows, k = (int)l->k, lda = (int)l->k, ldb = (int)ldx;
     const float one = 1.0f;
     m->sgemm("T", "N", &n, &r, &k, &one, l->weight, &lda, x, &ldb, &beta, y, &n);
+}
+
+/* The GEMM `cpu_packed_gemm.linear` chooses for `rows` rows. */
+static void linear(const struct model *m, const struct linear *l, const float *x, int64_t ldx,
+                   int64_t rows, float *y)
+{
+    linear_as(m, l, x, ldx, rows, y, rows >= m->min_packed_rows && rows <= m->max_packed_rows);
 }
 
 int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
@@ -177,4 +191,94 @@ int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
     }
     m->norm(s->out, H, residual, H, hidden, H, residual, H, m->final_norm, R, H, m->eps);
     return 0;
+}
+
+/* ---- Row-parallel parts of a prefill layer ----
+ *
+ * A prefill step's layer is, apart from attention, a chain of ops over independent rows: the
+ * input norm, the qkv GEMM and q/k norm + rotary before attention; o_proj, the post-attention
+ * norm, gate/up, SiLU and down after it. Called op by op (each op split over the threads, MKL
+ * threading each GEMM), every op ends in a barrier and passes its output to the next through
+ * memory shared by both cores. Here each thread takes chunks of `chunk` rows and runs the whole
+ * chain on a chunk alone (MKL runs sequentially inside the parallel region, and the fused ops'
+ * own parallel loops stay on the calling thread), so a chunk's intermediates stay in that core's
+ * cache and the threads meet once per call. Each row goes through the same ops as in the
+ * op-by-op walk, on rows of the same width; the GEMMs take MKL's packed copy for every chunk
+ * (whatever its rows) when the call has `min_packed_rows` or more, as the walk's slices do, so
+ * a row's bits do not depend on the chunk it falls in. */
+
+static int64_t max_inter(const struct model *m)
+{
+    int64_t inter = 0;
+    for (int64_t i = 0; i < m->num_layers; i++)
+        inter = m->layers[i].gate_up.n > inter ? m->layers[i].gate_up.n : inter;
+    return inter;
+}
+
+/* qkv[rows, qkv width] of layer `li`: q/k norm and rotary applied to the qkv projection of
+ * norm(hidden + residual) (the sum stored into residual), or of norm(residual) when hidden is
+ * NULL (the first layer). Row-major contiguous rows; positions int64 [rows]. */
+int llmserve_rows_qkv_f32(const struct model *m, int64_t li, const float *hidden, float *residual,
+                          const int64_t *positions, int64_t rows, int64_t chunk, float *qkv)
+{
+    const struct layer *L = &m->layers[li];
+    const int64_t H = m->hidden, D = m->head_dim, width = L->qkv.n;
+    const int packed = rows >= m->min_packed_rows;
+    int status = 0;
+#pragma omp parallel reduction(min : status)
+    {
+        float *h = malloc(sizeof(float) * (size_t)(chunk * H));
+        if (h == NULL)
+            status = NO_MEMORY;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < rows; c += chunk) {
+            const int64_t n = rows - c < chunk ? rows - c : chunk;
+            if (h == NULL)
+                continue;
+            float *res = residual + c * H, *y = qkv + c * width;
+            if (hidden == NULL)
+                m->norm(h, H, NULL, 0, res, H, NULL, 0, L->in_norm, n, H, m->eps);
+            else
+                m->norm(h, H, res, H, hidden + c * H, H, res, H, L->in_norm, n, H, m->eps);
+            linear_as(m, &L->qkv, h, H, n, y, packed);
+            if (m->rope(y, width, n, m->heads, m->kv_heads, D, L->q_norm, L->k_norm, m->eps,
+                        L->cos_sin, L->max_position, positions + c))
+                status = BAD_POSITION;
+        }
+        free(h);
+    }
+    return status;
+}
+
+/* out[rows, hidden] = down(SiLU(gate) * up) of norm(o_proj(attn) + residual) for layer `li`,
+ * the sum stored into residual; attn is [rows, heads * head_dim]. Contiguous rows. */
+int llmserve_rows_post_attention_f32(const struct model *m, int64_t li, const float *attn,
+                                     float *residual, int64_t rows, int64_t chunk, float *out)
+{
+    const struct layer *L = &m->layers[li];
+    const int64_t H = m->hidden, q_size = m->heads * m->head_dim, inter = max_inter(m);
+    const int packed = rows >= m->min_packed_rows;
+    int status = 0;
+#pragma omp parallel reduction(min : status)
+    {
+        float *h = malloc(sizeof(float) * (size_t)(chunk * (H + inter + inter / 2)));
+        if (h == NULL)
+            status = NO_MEMORY;
+        float *gate_up = h + chunk * H, *act = gate_up + chunk * inter;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < rows; c += chunk) {
+            const int64_t n = rows - c < chunk ? rows - c : chunk;
+            if (h == NULL)
+                continue;
+            float *res = residual + c * H, *y = out + c * H;
+            linear_as(m, &L->o, attn + c * q_size, q_size, n, y, packed);
+            m->norm(h, H, res, H, y, H, res, H, L->post_norm, n, H, m->eps);
+            linear_as(m, &L->gate_up, h, H, n, gate_up, packed);
+            const int64_t half = L->gate_up.n / 2;
+            m->silu_and_mul(act, gate_up, L->gate_up.n, n, half);
+            linear_as(m, &L->down, act, half, n, y, packed);
+        }
+        free(h);
+    }
+    return status;
 }
