@@ -71,7 +71,7 @@ class _Model(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _I), ("input_ids", _P), ("positions", _P), ("slots", _P),
                 ("block_tables", _P), ("table_elem_size", _I), ("table_width", _I),
-                ("seq_lens", _P), ("row_index", _P), ("scratch", _P), ("out", _P)]
+                ("seq_lens", _P), ("row_index", _P), ("scratch", _P), ("out", _P), ("chunk", _I)]
 
 
 def _address(fn: Any) -> int:
@@ -168,9 +168,11 @@ class DecodeForward:
         return rows * (3 * self.hidden + self.qkv_width + self.q_size + self.inter + self.inter // 2)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 batch: cpu_native.DecodeBatch) -> torch.Tensor:
+                 batch: cpu_native.DecodeBatch, chunk: int = 0) -> torch.Tensor:
         """Final normed hidden states [rows, hidden] of a step of `rows` decode rows, row i of
-        sequence i. int64 contiguous ids, positions and slots; `batch` as `cpu_native` builds it."""
+        sequence i. int64 contiguous ids, positions and slots; `batch` as `cpu_native` builds it.
+        `chunk` > 0 runs the parts of each layer around attention as `qkv` and `post_attention`
+        do, in chunks of that many rows (same bits where the GEMMs are packed); 0, op by op."""
         rows = input_ids.shape[0]
         need = self.scratch_floats(rows)
         if self._scratch.numel() < need:
@@ -178,10 +180,12 @@ class DecodeForward:
         out = torch.empty(rows, self.hidden, dtype=torch.float32)
         table, elem, width, lens, row_index, _, _ = batch.step_args
         step = _Step(rows, input_ids.data_ptr(), positions.data_ptr(), slots.data_ptr(), table,
-                     elem, width, lens, row_index, self._scratch.data_ptr(), out.data_ptr())
+                     elem, width, lens, row_index, self._scratch.data_ptr(), out.data_ptr(), chunk)
         status = self.fns.decode(ctypes.byref(self.model), ctypes.byref(step))
         if status in _ERRORS:
             raise IndexError(_ERRORS[status])
+        if status == _NO_MEMORY:
+            raise MemoryError("native decode driver: scratch could not be allocated")
         if status:  # the attention kernel's own status
             raise cpu_native.decode_error(status)
         return out

@@ -12,6 +12,7 @@ from llmserve.attention.backends import torch_attention
 from llmserve.attention.metadata import get_attention_metadata
 from llmserve.kernels import cpu_decode_forward, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_decode_forward import DecodeForward
+from llmserve.models import cpu_fast_path
 from llmserve.models.cpu_fast_path import FusedCPUForward
 from tests.engine.test_parity_transformers import make_prompts
 
@@ -48,13 +49,20 @@ def fused(llm: LLM) -> FusedCPUForward:
 
 
 @pytest.fixture
-def driver_calls(monkeypatch):
+def chunks():
+    """(rows, chunk) of the steps the driver ran (filled by `driver_calls`)."""
+    return []
+
+
+@pytest.fixture
+def driver_calls(monkeypatch, chunks):
     """Row counts of the steps the driver ran."""
     rows: list[int] = []
     call = DecodeForward.__call__
 
     def counting(self, input_ids, *args):
         rows.append(len(input_ids))
+        chunks.append((len(input_ids), args[3] if len(args) > 3 else 0))
         return call(self, input_ids, *args)
 
     monkeypatch.setattr(DecodeForward, "__call__", counting)
@@ -64,10 +72,11 @@ def driver_calls(monkeypatch):
 @pytest.mark.parametrize("packing", ["packed", "unpacked"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
-        checkpoint_factory, monkeypatch, driver_calls, arch, packing):
+        checkpoint_factory, monkeypatch, driver_calls, chunks, arch, packing):
     """Every step the driver takes is run again through the Python walk on the same inputs
     (storing the same k and v twice changes nothing): the hidden states are equal, at 1-3 rows
-    (plain GEMV), at and above MKL's packed-copy threshold, and without packed copies."""
+    (plain GEMV), at and above MKL's packed-copy threshold, from DECODE_CHUNK_MIN_ROWS rows in
+    per-thread chunks, and without packed copies (op by op at every size)."""
     if packing == "unpacked":
         monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "0")
     checked = []
@@ -94,6 +103,10 @@ def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
     for size in (1, 2, 3, 5, len(batch)):  # decode steps of each of these sizes
         generate(llm, batch[:size])
     assert {1, 2, 3, 5, len(batch)} <= set(checked)
+    assert len(batch) >= cpu_fast_path.DECODE_CHUNK_MIN_ROWS
+    for rows, chunk in chunks:
+        chunked = packing == "packed" and rows >= cpu_fast_path.DECODE_CHUNK_MIN_ROWS
+        assert (chunk > 0) == chunked, (rows, chunk)
 
 
 def test_steps_the_driver_cannot_take_walk_the_layers(checkpoint_factory, monkeypatch, driver_calls):

@@ -99,6 +99,9 @@ struct step {
     const int64_t *seq_lens, *row_index; /* [rows]; row_index[i] = i */
     float *scratch;                      /* see `scratch_floats` in decode_forward.py */
     float *out;                          /* [rows, hidden]: the final normed hidden states */
+    /* > 0: the parts of each layer around attention run as the prefill rows calls do, each
+     * thread taking chunks of this many rows through them (the same bits); 0: op by op. */
+    int64_t chunk;
 };
 
 enum {
@@ -139,6 +142,11 @@ static void linear(const struct model *m, const struct linear *l, const float *x
     linear_as(m, l, x, ldx, rows, y, rows >= m->min_packed_rows && rows <= m->max_packed_rows);
 }
 
+int llmserve_rows_qkv_f32(const struct model *m, int64_t li, const float *hidden, float *residual,
+                          const int64_t *positions, int64_t rows, int64_t chunk, float *qkv);
+int llmserve_rows_post_attention_f32(const struct model *m, int64_t li, const float *attn,
+                                     float *residual, int64_t rows, int64_t chunk, float *out);
+
 int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
 {
     const int64_t R = s->rows, H = m->hidden, D = m->head_dim;
@@ -165,14 +173,21 @@ int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
 
     for (int64_t i = 0; i < m->num_layers; i++) {
         const struct layer *L = &m->layers[i];
-        if (i == 0)
-            m->norm(h, H, NULL, 0, residual, H, NULL, 0, L->in_norm, R, H, m->eps);
-        else
-            m->norm(h, H, residual, H, hidden, H, residual, H, L->in_norm, R, H, m->eps);
-        linear(m, &L->qkv, h, H, R, qkv);
-        if (m->rope(qkv, qkv_width, R, m->heads, m->kv_heads, D, L->q_norm, L->k_norm, m->eps,
-                    L->cos_sin, L->max_position, s->positions))
-            return BAD_POSITION;
+        if (s->chunk > 0) {
+            const int status = llmserve_rows_qkv_f32(m, i, i == 0 ? NULL : hidden, residual,
+                                                     s->positions, R, s->chunk, qkv);
+            if (status)
+                return status;
+        } else {
+            if (i == 0)
+                m->norm(h, H, NULL, 0, residual, H, NULL, 0, L->in_norm, R, H, m->eps);
+            else
+                m->norm(h, H, residual, H, hidden, H, residual, H, L->in_norm, R, H, m->eps);
+            linear(m, &L->qkv, h, H, R, qkv);
+            if (m->rope(qkv, qkv_width, R, m->heads, m->kv_heads, D, L->q_norm, L->k_norm,
+                        m->eps, L->cos_sin, L->max_position, s->positions))
+                return BAD_POSITION;
+        }
         if (m->store(L->k_cache, L->v_cache, num_slots, qkv + q_size, qkv_width,
                      qkv + q_size + kv_size, qkv_width, R, kv_size, s->slots))
             return BAD_SLOT;
@@ -182,6 +197,13 @@ int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
                                      s->seq_lens, s->row_index, R, L->window);
         if (status)
             return status;
+        if (s->chunk > 0) {
+            const int rows_status = llmserve_rows_post_attention_f32(m, i, attn, residual, R,
+                                                                     s->chunk, hidden);
+            if (rows_status)
+                return rows_status;
+            continue;
+        }
         linear(m, &L->o, attn, q_size, R, hidden);
         m->norm(h, H, residual, H, hidden, H, residual, H, L->post_norm, R, H, m->eps);
         linear(m, &L->gate_up, h, H, R, gate_up);
