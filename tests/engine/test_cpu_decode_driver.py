@@ -69,17 +69,11 @@ def driver_calls(monkeypatch, chunks):
     return rows
 
 
-@pytest.mark.parametrize("packing", ["packed", "unpacked"])
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
-        checkpoint_factory, monkeypatch, driver_calls, chunks, arch, packing):
-    """Every step the driver takes is run again through the Python walk on the same inputs
-    (storing the same k and v twice changes nothing): the hidden states are equal, at 1-3 rows
-    (plain GEMV), at and above MKL's packed-copy threshold, from DECODE_CHUNK_MIN_ROWS rows in
-    per-thread chunks, and without packed copies (op by op at every size)."""
-    if packing == "unpacked":
-        monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "0")
-    checked = []
+def compare_with_walk(monkeypatch, driver_calls: list, label: str) -> list[int]:
+    """Make every forward that adds to `driver_calls` (a step the driver took part in) run again
+    through the Python walk on the same inputs, and assert the same hidden states bit for bit
+    (storing the same k and v twice changes nothing). Returns the row counts checked."""
+    checked: list[int] = []
     call = FusedCPUForward.__call__
 
     def comparing(self, input_ids, positions):
@@ -91,11 +85,25 @@ def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
                 walked = call(self, input_ids, positions)
             finally:
                 self._driver_fns = fns
-            assert torch.equal(out, walked), (arch, len(input_ids))
+            assert torch.equal(out, walked), (label, len(input_ids))
             checked.append(len(input_ids))
         return out
 
     monkeypatch.setattr(FusedCPUForward, "__call__", comparing)
+    return checked
+
+
+@pytest.mark.parametrize("packing", ["packed", "unpacked"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_driver_gives_the_python_walks_hidden_states_bit_for_bit(
+        checkpoint_factory, monkeypatch, driver_calls, chunks, arch, packing):
+    """Every step the driver takes is run again through the Python walk on the same inputs
+    (storing the same k and v twice changes nothing): the hidden states are equal, at 1-3 rows
+    (plain GEMV), at and above MKL's packed-copy threshold, from DECODE_CHUNK_MIN_ROWS rows in
+    per-thread chunks, and without packed copies (op by op at every size)."""
+    if packing == "unpacked":
+        monkeypatch.setenv(cpu_packed_gemm.BUDGET_ENV, "0")
+    checked = compare_with_walk(monkeypatch, driver_calls, arch)
     name, overrides = ARCHS[arch]
     llm = LLM(checkpoint_factory(name, **overrides), dtype="float32")
     assert fused(llm)._driver_fns is not None

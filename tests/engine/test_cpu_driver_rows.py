@@ -13,6 +13,7 @@ from llmserve.kernels import cpu_decode_forward, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_decode_forward import DecodeForward
 from llmserve.models import cpu_fast_path
 from llmserve.models.cpu_fast_path import FusedCPUForward
+from tests.engine.test_cpu_decode_driver import compare_with_walk
 from tests.engine.test_parity_transformers import make_prompts
 
 pytestmark = pytest.mark.skipif(
@@ -66,23 +67,7 @@ def test_row_chunks_give_the_python_walks_hidden_states_bit_for_bit(
     and v twice changes nothing): equal hidden states, with chunks of 1 row, of fewer rows than
     MKL's packed-copy threshold, of several chunks per thread and a ragged last one."""
     monkeypatch.setattr(cpu_fast_path, "CHUNK_ROWS", chunk)
-    checked = []
-    call = FusedCPUForward.__call__
-
-    def comparing(self, input_ids, positions):
-        before = len(chunk_sizes)
-        out = call(self, input_ids, positions)
-        if len(chunk_sizes) > before:
-            fns, self._driver_fns = self._driver_fns, None
-            try:
-                walked = call(self, input_ids, positions)
-            finally:
-                self._driver_fns = fns
-            assert torch.equal(out, walked), (arch, len(input_ids))
-            checked.append(len(input_ids))
-        return out
-
-    monkeypatch.setattr(FusedCPUForward, "__call__", comparing)
+    checked = compare_with_walk(monkeypatch, chunk_sizes, arch)
     name, overrides = ARCHS[arch]
     llm = LLM(checkpoint_factory(name, **overrides), dtype="float32", max_num_batched_tokens=256)
     batch = make_prompts(vocab=400)
