@@ -36,8 +36,8 @@ def fresh_load():
     cpu_decode_forward.load.cache_clear()
 
 
-def generate(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+def generate(llm: LLM, batch: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outs]
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmserve import LLM, SamplingParams
+from llmserve import LLM
 from llmserve.kernels import cpu_decode_forward, cpu_native, cpu_packed_gemm
 from llmserve.kernels.cpu_decode_forward import DecodeForward
 from llmserve.models import cpu_fast_path
-from llmserve.models.cpu_fast_path import FusedCPUForward
-from tests.engine.test_cpu_decode_driver import compare_with_walk
+from tests.engine.test_cpu_decode_driver import compare_with_walk, fused, generate
 from tests.engine.test_parity_transformers import make_prompts
 
 pytestmark = pytest.mark.skipif(
@@ -31,18 +30,6 @@ def fresh_load():
     cpu_decode_forward.load.cache_clear()
     yield
     cpu_decode_forward.load.cache_clear()
-
-
-def generate(llm: LLM, batch: list[list[int]], max_tokens: int = 4) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-def fused(llm: LLM) -> FusedCPUForward:
-    forward = llm.engine.runner.model.model.fused_forward
-    assert isinstance(forward, FusedCPUForward)
-    return forward
 
 
 @pytest.fixture
