@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,12 +182,7 @@ class DecodeForward:
         step = _Step(rows, input_ids.data_ptr(), positions.data_ptr(), slots.data_ptr(), table,
                      elem, width, lens, row_index, self._scratch.data_ptr(), out.data_ptr(), chunk)
         status = self.fns.decode(ctypes.byref(self.model), ctypes.byref(step))
-        if status in _ERRORS:
-            raise IndexError(_ERRORS[status])
-        if status == _NO_MEMORY:
-            raise MemoryError("native decode driver: scratch could not be allocated")
-        if status:  # the attention kernel's own status
-            raise cpu_native.decode_error(status)
+        _raise_for(status, cpu_native.decode_error)  # else the attention kernel's own status
         return out
 
     def qkv(self, layer: int, hidden: torch.Tensor | None, residual: torch.Tensor,
@@ -205,7 +200,7 @@ class DecodeForward:
         status = self.fns.rows_qkv(ctypes.byref(self.model), layer, _ptr(hidden),
                                    residual.data_ptr(), positions.data_ptr(), rows, chunk,
                                    out.data_ptr())
-        _raise_for(status)
+        _raise_for(status, _unknown_status)
         return out
 
     def post_attention(self, layer: int, attn: torch.Tensor, residual: torch.Tensor,
@@ -218,7 +213,7 @@ class DecodeForward:
         out = torch.empty(rows, self.hidden, dtype=torch.float32)
         status = self.fns.rows_post_attention(ctypes.byref(self.model), layer, attn.data_ptr(),
                                               residual.data_ptr(), rows, chunk, out.data_ptr())
-        _raise_for(status)
+        _raise_for(status, _unknown_status)
         return out
 
 
@@ -228,10 +223,17 @@ def _check_rows(t: torch.Tensor, rows: int, width: int) -> None:
                          f"{tuple(t.shape)} {t.dtype}")
 
 
-def _raise_for(status: int) -> None:
+def _raise_for(status: int, other: Callable[[int], Exception]) -> None:
+    """Raise the error a driver call's nonzero status stands for; `other(status)` for a status
+    the driver does not define itself."""
+    if not status:
+        return
     if status in _ERRORS:
         raise IndexError(_ERRORS[status])
     if status == _NO_MEMORY:
-        raise MemoryError("native prefill rows: scratch could not be allocated")
-    if status:
-        raise RuntimeError(f"native prefill rows: status {status}")
+        raise MemoryError("native CPU driver: scratch could not be allocated")
+    raise other(status)
+
+
+def _unknown_status(status: int) -> Exception:
+    return RuntimeError(f"native CPU driver: status {status}")

@@ -92,6 +92,17 @@ class _Layer:
     gate_up_p: PackedLinear | None = None
     down_p: PackedLinear | None = None
 
+    # The driver's row chunks keep the walk's bits through MKL's packed copies only (its plain
+    # GEMM's sums depend on the rows of the call), so a part whose GEMMs are not all packed keeps
+    # the walk.
+    @property
+    def qkv_packed(self) -> bool:
+        return self.qkv_p is not None
+
+    @property
+    def post_attention_packed(self) -> bool:
+        return None not in (self.o_p, self.gate_up_p, self.down_p)
+
 
 class FusedCPUForward:
     """`LlamaModel.forward` with the element-wise ops fused (fp32, CPU, one rank).
@@ -203,9 +214,7 @@ class FusedCPUForward:
         hidden = None
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         for index, layer in enumerate(self.layers):
-            # Chunks keep the walk's bits through MKL's packed copies only (its plain GEMM's
-            # sums depend on the rows of the call), so unpacked GEMMs keep the walk.
-            if driver is not None and layer.qkv_p is not None:
+            if driver is not None and layer.qkv_packed:
                 qkv = driver.qkv(index, hidden, residual, pos, chunk_rows(len(residual)))
             else:
                 qkv = self._qkv(hidden, residual, layer, pos)
@@ -215,7 +224,7 @@ class FusedCPUForward:
                 residual = residual.index_select(0, output_rows.tokens)
             else:
                 attn = layer.attn(q, k, v)
-            if driver is not None and None not in (layer.o_p, layer.gate_up_p, layer.down_p):
+            if driver is not None and layer.post_attention_packed:
                 hidden = driver.post_attention(index, attn.contiguous(), residual,
                                                chunk_rows(len(residual)))
             else:
@@ -244,8 +253,7 @@ class FusedCPUForward:
     def _all_packed(self) -> bool:
         """Whether every layer GEMM has its MKL-packed copy (the chunked calls keep the
         op-by-op bits only then)."""
-        return all(None not in (layer.qkv_p, layer.o_p, layer.gate_up_p, layer.down_p)
-                   for layer in self.layers)
+        return all(layer.qkv_packed and layer.post_attention_packed for layer in self.layers)
 
     def _driver_for_cache(self) -> DecodeForward | None:
         """The driver over the layers' current KV cache; None when a layer's attention is not

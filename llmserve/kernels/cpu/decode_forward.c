@@ -142,6 +142,15 @@ static void linear(const struct model *m, const struct linear *l, const float *x
     linear_as(m, l, x, ldx, rows, y, rows >= m->min_packed_rows && rows <= m->max_packed_rows);
 }
 
+/* The widest fused gate/up output of the model's layers. */
+static int64_t max_inter(const struct model *m)
+{
+    int64_t inter = 0;
+    for (int64_t i = 0; i < m->num_layers; i++)
+        inter = m->layers[i].gate_up.n > inter ? m->layers[i].gate_up.n : inter;
+    return inter;
+}
+
 int llmserve_rows_qkv_f32(const struct model *m, int64_t li, const float *hidden, float *residual,
                           const int64_t *positions, int64_t rows, int64_t chunk, float *qkv);
 int llmserve_rows_post_attention_f32(const struct model *m, int64_t li, const float *attn,
@@ -151,10 +160,7 @@ int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
 {
     const int64_t R = s->rows, H = m->hidden, D = m->head_dim;
     const int64_t q_size = m->heads * D, kv_size = m->kv_heads * D;
-    const int64_t qkv_width = q_size + 2 * kv_size;
-    int64_t inter = 0;
-    for (int64_t i = 0; i < m->num_layers; i++)
-        inter = m->layers[i].gate_up.n > inter ? m->layers[i].gate_up.n : inter;
+    const int64_t qkv_width = q_size + 2 * kv_size, inter = max_inter(m);
     /* Scratch: residual, h, qkv, attention output, the layer's MLP output, gate/up, act. */
     float *residual = s->scratch, *h = residual + R * H, *qkv = h + R * H;
     float *attn = qkv + R * qkv_width, *hidden = attn + R * q_size, *gate_up = hidden + R * H;
@@ -228,14 +234,6 @@ int llmserve_decode_forward_f32(const struct model *m, const struct step *s)
  * op-by-op walk, on rows of the same width; the GEMMs take MKL's packed copy for every chunk
  * (whatever its rows) when the call has `min_packed_rows` or more, as the walk's slices do, so
  * a row's bits do not depend on the chunk it falls in. */
-
-static int64_t max_inter(const struct model *m)
-{
-    int64_t inter = 0;
-    for (int64_t i = 0; i < m->num_layers; i++)
-        inter = m->layers[i].gate_up.n > inter ? m->layers[i].gate_up.n : inter;
-    return inter;
-}
 
 /* qkv[rows, qkv width] of layer `li`: q/k norm and rotary applied to the qkv projection of
  * norm(hidden + residual) (the sum stored into residual), or of norm(residual) when hidden is
